@@ -1,0 +1,102 @@
+"""Reading tensors from checkpoint files without ever executing a pickle.
+
+`.safetensors` files are read with safetensors; `.bin` / `.pt` / `.pth` files with
+`torch.load(..., weights_only=True)`, which refuses any pickle that would construct arbitrary
+objects. A folder is read as all of its `*.safetensors` files (or, failing those, `*.bin` files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from merge_cli.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+KeyFilter = Callable[[str], bool]
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files a checkpoint path stands for, in a stable order."""
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint is neither a file nor a folder: {path}")
+    safetensors_files = sorted(path.glob("*.safetensors"))
+    if safetensors_files:
+        return safetensors_files
+    pickle_files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickle_files:
+        return pickle_files
+    raise CheckpointError(f"no *.safetensors or *.bin weight files in {path}")
+
+
+def read_tensors(path: Path | str, keep: KeyFilter | None = None) -> dict[str, torch.Tensor]:
+    """All tensors (or those whose name passes `keep`) from a checkpoint file or folder, on CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(Path(path)):
+        part = _read_file(file, keep)
+        clash = tensors.keys() & part.keys()
+        if clash:
+            raise CheckpointError(f"tensor {sorted(clash)[0]!r} appears in more than one file of {path}")
+        tensors.update(part)
+    return tensors
+
+
+def _read_file(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
+    if file.suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(file, keep)
+    if file.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(file, keep)
+    raise CheckpointError(
+        f"unsupported checkpoint file {file.name}: expected .safetensors, .bin, .pt or .pth"
+    )
+
+
+def _read_safetensors(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            # Only the wanted tensors are read: a full LLM checkpoint may hold many GB.
+            return {name: handle.get_tensor(name) for name in handle.keys() if keep is None or keep(name)}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {file}: {error}") from error
+
+
+def _read_pickle(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
+    import pickle
+
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"refusing to load {file}: it is not a plain tensor checkpoint and merge-cli never "
+            f"executes pickled code (weights_only=True said: {first_line})"
+        ) from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise CheckpointError(f"cannot read {file}: {error}") from error
+    state = _unwrap_state_dict(loaded, file)
+    return {name: value for name, value in state.items() if keep is None or keep(name)}
+
+
+def _unwrap_state_dict(loaded: object, file: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict, or one nested under a usual key such as `state_dict`."""
+    if isinstance(loaded, dict):
+        for wrapper in ("state_dict", "model", "module"):
+            inner = loaded.get(wrapper)
+            if isinstance(inner, dict) and inner and all(isinstance(k, str) for k in inner):
+                loaded = inner
+                break
+        tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise CheckpointError(f"{file} holds no tensors by name (expected a state dict)")

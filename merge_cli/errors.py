@@ -1,0 +1,48 @@
+"""The project's own exceptions. The CLI turns each into one red line and an exit code."""
+
+from __future__ import annotations
+
+
+class MergeCliError(Exception):
+    """Base class: a problem the user can act on, reported without a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(MergeCliError, ValueError):
+    """Unusable input given on the command line or to an API (a bad size, option or path)."""
+
+    exit_code = 2
+
+
+class GridError(MergeCliError, ValueError):
+    """A size or token count that cannot form a valid merge grid."""
+
+    exit_code = 2
+
+
+class CheckpointError(MergeCliError):
+    """A tower or projector checkpoint that is missing, incomplete or does not match its config."""
+
+
+class FormatError(MergeCliError):
+    """A file that is not a merge-cli output, is damaged, or was written with other settings."""
+
+    exit_code = 2
+
+
+class ConfigMismatchError(MergeCliError):
+    """Resuming into an output written with settings that change the numbers."""
+
+
+class MediaError(MergeCliError):
+    """One input could not be decoded or resized; becomes an error record, never stops a run.
+
+    `stage` says where it failed (open, decode, resize, ...); the exception type name in the
+    record is the *cause*, e.g. UnidentifiedImageError, not MediaError.
+    """
+
+    def __init__(self, stage: str, message: str, error_type: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.error_type = error_type or type(self).__name__

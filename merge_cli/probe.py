@@ -1,0 +1,91 @@
+"""Cheap media metadata: size (and for videos frame count and rate) without decoding pixels.
+
+Used by `check-grid FILE`, and to estimate a sample's cost (tokens after resizing) before any
+decoding, e.g. for balancing work across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge_cli.errors import MediaError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi"})
+
+# EXIF orientations 5..8 rotate by 90 degrees: the displayed image has height and width swapped.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def media_kind(path: Path | str) -> str | None:
+    """`image`, `video`, or None for an extension merge-cli does not read."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a file header says. Sizes are as displayed (after EXIF orientation)."""
+
+    kind: str
+    height: int
+    width: int
+    num_frames: int = 1
+    fps: float | None = None
+    duration: float | None = None
+
+
+def probe_media(path: Path | str) -> MediaInfo:
+    """Read a file's header. Raises MediaError (stage `probe`) when it cannot."""
+    path = Path(path)
+    kind = media_kind(path)
+    if kind is None:
+        raise MediaError("probe", f"{path.name}: not a recognized image or video extension", "UnsupportedMedia")
+    if not path.is_file():
+        raise MediaError("probe", f"{path}: no such file", "FileNotFoundError")
+    return probe_image(path) if kind == "image" else probe_video(path)
+
+
+def probe_image(path: Path) -> MediaInfo:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise MediaError("probe", f"{path.name}: {error}", type(error).__name__) from error
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        height, width = width, height
+    return MediaInfo("image", height, width)
+
+
+def probe_video(path: Path) -> MediaInfo:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError("probe", f"{path.name}: no video stream", "NoVideoStream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            fps = float(stream.average_rate) if stream.average_rate else None
+            duration = None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000  # container duration is in microseconds
+            num_frames = stream.frames or (round(duration * fps) if duration and fps else 0)
+    except MediaError:
+        raise
+    except (OSError, ValueError, av.FFmpegError) as error:
+        raise MediaError("probe", f"{path.name}: {error}", type(error).__name__) from error
+    if not width or not height:
+        raise MediaError("probe", f"{path.name}: video stream has no frame size", "NoVideoStream")
+    return MediaInfo("video", height, width, num_frames, fps, duration)

@@ -1,0 +1,78 @@
+"""The small typed records that flow between stages.
+
+sources -> Sample -> media -> Item | Failure -> tower + merger -> Features | Failure -> store
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # torch is only needed by those who hold tensors
+    import torch
+
+MediaKind = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input to extract: where it is and the key its features are stored under."""
+
+    key: str
+    """Stable key: path relative to the scanned folder or --media-root, POSIX separators."""
+    path: Path
+    """Where the file is on disk (absolute)."""
+    kind: MediaKind
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be turned into features. Stored as an error record, never raised."""
+
+    key: str
+    stage: str
+    """Where it failed: open, probe, decode, resize, tower, write, ..."""
+    error_type: str
+    """The cause's type name, e.g. UnidentifiedImageError, DecompressionBombError, OutOfMemoryError."""
+    message: str
+
+
+@dataclass
+class Item:
+    """A decoded, resized input ready for a tower (not yet normalized)."""
+
+    key: str
+    kind: MediaKind
+    pixels: torch.Tensor
+    """uint8 (T, 3, H, W), H and W multiples of patch_size * merge_size; T = 1 for images."""
+    orig_hw: tuple[int, int]
+    """Size of the source as displayed (after EXIF orientation), before resizing."""
+    resized_hw: tuple[int, int]
+    decoder: str
+    """What read the pixels: pillow, decord or pyav."""
+    frame_indices: list[int] = field(default_factory=list)
+    """For videos: the source frame index of every sampled frame."""
+    frame_times: list[float] = field(default_factory=list)
+    """For videos: the timestamp in seconds of every sampled frame."""
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass
+class Features:
+    """One sample's output, ready to store."""
+
+    key: str
+    kind: MediaKind
+    tokens: torch.Tensor
+    """(t, h/m * w/m, D) on CPU, in the stored dtype."""
+    grid_thw: tuple[int, int, int]
+    """Frames (or temporal patches), patch rows and patch columns before merging."""
+    orig_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    decoder: str
+    frame_indices: list[int] = field(default_factory=list)
+    frame_times: list[float] = field(default_factory=list)
