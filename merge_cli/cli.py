@@ -180,6 +180,48 @@ def _describe_target(
     return report
 
 
+@app.command("inspect")
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help="A merge-cli output (feats.h5) or one of its shards.", show_default=False)],
+    key: Annotated[Optional[str], typer.Option(help="Show one sample in detail.", show_default=False)] = None,
+    check: Annotated[bool, typer.Option("--check", help="Also scan every token for NaN/Inf (reads all data).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+) -> None:
+    """What is in a features file, and is it sound?
+
+    Exit 0 when the file is sound, 1 when an integrity problem was found, 2 when the file is not a
+    merge-cli output, is damaged beyond reading, or --key names no sample.
+    """
+    from merge_cli.inspection import inspect_features
+
+    report = run_core(lambda: inspect_features(path, key=key, check=check), json_output)
+    if json_output:
+        print_json(report)
+    else:
+        from merge_cli.report import render_inspect
+
+        render_inspect(report, _stdout_console())
+    raise typer.Exit(1 if report.get("problems") else 0)
+
+
+@app.command("index")
+def index_command(
+    out: Annotated[Path, typer.Argument(help="The output to (re)build, e.g. feats.h5.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+) -> None:
+    """Rebuild feats.h5 from whatever complete shards exist beside it (after a crash, or after
+    separate --rank/--world-size jobs)."""
+    from merge_cli.store import build_index
+
+    summary = run_core(lambda: build_index(out), json_output)
+    if json_output:
+        print_json(summary)
+    else:
+        from merge_cli.report import render_index_summary
+
+        render_index_summary(summary, _stdout_console())
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
