@@ -102,3 +102,122 @@ class MediaOptions:
             "gif_as_video": self.gif_as_video,
             "max_image_pixels": self.max_image_pixels,
         }
+
+
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+OUTPUT_KINDS = ("projected", "merged")
+BATCHING_MODES = ("pack", "bucket")
+RESUME_MODES = ("auto", "resume", "overwrite")
+DEFAULT_SHARD_BYTES = 2 * 10**9
+
+
+def parse_byte_size(text: str) -> int:
+    """`2GB`, `512MiB`, `100k`, `123` -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if match is None:
+        raise UsageError(f"expected a size in bytes such as 2GB, 512MiB or 1000000; got {text!r}")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    power = " KMGT".index(unit) if unit else 0
+    value = int(number * (1024 if binary else 1000) ** power)
+    if value < 1:
+        raise UsageError(f"a size must be at least one byte; got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `merge-cli extract` needs; built by the CLI, read by the pipeline."""
+
+    inputs: tuple[str, ...]
+    """Folders, media files, or .txt/.jsonl/.json manifests."""
+    out: str
+    """The output to write, e.g. feats.h5 (its shards live beside it)."""
+    media_root: str | None = None
+    """Root that manifest paths are relative to, and that keys are made relative to."""
+    min_pixels: int | None = None
+    """Resize floor in pixels [default: 4 * factor^2]; the factor comes from the tower's patch size."""
+    max_pixels: int | None = None
+    """Resize ceiling in pixels [default: 1280 * factor^2]."""
+    size: tuple[int, int] | None = None
+    """Fixed-size policy: resize everything to exactly this (height, width)."""
+    merge_size: int = 2
+    video: VideoOptions = field(default_factory=VideoOptions)
+    fast_decode: bool = False
+    gif_as_video: bool = False
+    max_image_pixels: int | None = PILLOW_MAX_IMAGE_PIXELS
+    tower: str = "demo"
+    """`demo` or a local checkpoint folder."""
+    trust_remote_code: bool = False
+    """Only ever passed to transformers when the user says so explicitly."""
+    layer: int = -1
+    """Which hidden state of the tower (transformers convention: -1 last layer, before post-norm)."""
+    projector: str | None = None
+    """A trained SpatialMergeProjector checkpoint."""
+    projector_eps: float = 1e-6
+    """LayerNorm eps of the projector's ln_q (not stored in checkpoints; LLaVA-OneVision-1.5 uses 1e-5)."""
+    random_projector: bool = False
+    """Project with randomly initialized (seeded) weights: for tests and demos only."""
+    llm_dim: int | None = None
+    """Width of the random projector's output [default: 4 x tower width]."""
+    output: str | None = None
+    """`projected` or `merged` [default: projected with a projector, merged without]."""
+    device: str = "auto"
+    dtype: str | None = None
+    """Compute dtype [default: bf16 on CUDA, fp32 on CPU]."""
+    store_dtype: str | None = None
+    """Stored dtype [default: the compute dtype]."""
+    batch_tokens: int = 16384
+    """Patch tokens per forward pass (before merging)."""
+    batching: str = "pack"
+    """`pack`: mix shapes in one pass; `bucket`: one shape per pass."""
+    workers: int = 2
+    """Decoding worker processes (0 decodes in the main process)."""
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    compression: str = "none"
+    resume: str = "auto"
+    strict: bool = False
+    """Stop at the first input that fails."""
+    rank: int | None = None
+    """This process's rank when splitting work by hand (Slurm arrays); torchrun sets it otherwise."""
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise UsageError("give at least one --input")
+        if self.output is not None and self.output not in OUTPUT_KINDS:
+            raise UsageError(f"--output must be one of {', '.join(OUTPUT_KINDS)}; got {self.output!r}")
+        for name, value in (("--dtype", self.dtype), ("--store-dtype", self.store_dtype)):
+            if value is not None and value not in COMPUTE_DTYPES:
+                raise UsageError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}; got {value!r}")
+        if self.batching not in BATCHING_MODES:
+            raise UsageError(f"--batching must be one of {', '.join(BATCHING_MODES)}; got {self.batching!r}")
+        if self.resume not in RESUME_MODES:
+            raise UsageError(f"resume mode must be one of {', '.join(RESUME_MODES)}; got {self.resume!r}")
+        if self.batch_tokens < 1:
+            raise UsageError(f"--batch-tokens must be positive; got {self.batch_tokens}")
+        if self.workers < 0:
+            raise UsageError(f"--workers must not be negative; got {self.workers}")
+        if self.projector and self.random_projector:
+            raise UsageError("give either --projector or --random-projector, not both")
+        if self.output == "projected" and not (self.projector or self.random_projector):
+            raise UsageError(
+                "--output projected needs trained weights (--projector CKPT); "
+                "--random-projector projects with random weights, for tests and demos only"
+            )
+        if (self.rank is None) != (self.world_size is None):
+            raise UsageError("give --rank and --world-size together")
+        if self.world_size is not None and not 0 <= (self.rank or 0) < self.world_size:
+            raise UsageError(f"--rank must be in [0, {self.world_size}); got {self.rank}")
+
+    def media_options(self, patch_size: int) -> MediaOptions:
+        """Media settings for a tower with this patch size (the resize factor depends on it)."""
+        policy = ResizePolicy(patch_size, self.merge_size, self.min_pixels, self.max_pixels, self.size)
+        return MediaOptions(policy, self.video, self.fast_decode, self.gif_as_video, self.max_image_pixels)
+
+    @property
+    def output_kind(self) -> str:
+        if self.output is not None:
+            return self.output
+        return "projected" if (self.projector or self.random_projector) else "merged"

@@ -63,3 +63,54 @@ def _render_tokens_report(report: dict, console: Console) -> None:
     else:
         table.add_row("inferred grid", f"[red]none[/]: {report['problem']}")
     console.print(table)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return f"{count:,.1f} TB"
+
+
+def render_extract_summary(summary: dict, console: Console) -> None:
+    """The end-of-run summary of `extract` (a `RunSummary.to_dict()`)."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    status = "[green]done[/]" if not summary["failed"] else f"[yellow]done with {summary['failed']} failed[/]"
+    if summary["stopped_early"]:
+        status = "[red]stopped at the first failure (--strict)[/]"
+    table.add_row("output", f"{summary['out']}  {status}")
+    table.add_row(
+        "samples",
+        f"{summary['written']:,} written, {summary['skipped']:,} already done, {summary['failed']:,} failed"
+        + (f", {summary['ignored_files']:,} other files ignored" if summary["ignored_files"] else ""),
+    )
+    table.add_row(
+        "tokens",
+        f"{summary['tokens']:,} stored ({summary['patch_tokens']:,} patch tokens before merging), {_bytes(summary['bytes'])}",
+    )
+    table.add_row(
+        "throughput",
+        f"{summary['samples_per_second']:,.1f} samples/s, {summary['patch_tokens_per_second']:,.0f} patch tokens/s "
+        f"in {summary['seconds']:,.1f} s on {summary['device']} ({summary['compute_dtype']})",
+    )
+    timings = summary["timings"]
+    table.add_row(
+        "time split",
+        f"waiting for decode {timings['decode_wait']:,.1f} s (decode work {timings['decode_cpu']:,.1f} s in workers), "
+        f"compute {timings['compute']:,.1f} s, write {timings['write']:,.1f} s",
+    )
+    table.add_row("batches", f"{summary['batches']:,}, {summary['batch_fill']:.0%} of the token budget filled")
+    tower = summary["tower"] + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
+    table.add_row("tower", f"{tower}, output {summary['output']}, stored as {summary['store_dtype']}")
+    console.print(table)
+    if summary["failures"]:
+        errors = Table(title=f"first {len(summary['failures'])} of {summary['failed']} failures "
+                       f"(all are in the output: merge-cli inspect {summary['out']})", title_justify="left")
+        for column in ("key", "stage", "type", "message"):
+            errors.add_column(column, overflow="fold")
+        for failure in summary["failures"]:
+            errors.add_row(failure["key"], failure["stage"], failure["error_type"], failure["message"])
+        console.print(errors)

@@ -1,0 +1,118 @@
+"""Scaling out: the torchrun environment, the pure work-split function, and rank coordination.
+
+With no torchrun environment and no --rank/--world-size, everything here is a no-op and the
+single-process path stays a plain loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import heapq
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from merge_cli.errors import UsageError
+
+# Rank 0 waits for every other rank before writing the index: the slowest rank may finish long
+# after the others, so this is generous (overridable with MERGE_CLI_BARRIER_TIMEOUT seconds).
+DEFAULT_BARRIER_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def split_work(costs: Sequence[int], world_size: int) -> list[list[int]]:
+    """Deterministically assign sample indices to ranks, balancing the summed cost.
+
+    Longest-processing-time greedy: the costliest sample goes to the least-loaded rank (ties to
+    the lower rank; equal costs keep input order). Every index lands on exactly one rank, and any
+    two ranks' loads differ by at most one sample's cost. Each rank's list is in input order.
+    """
+    if world_size < 1:
+        raise UsageError(f"world size must be at least 1; got {world_size}")
+    order = sorted(range(len(costs)), key=lambda index: (-costs[index], index))
+    loads = [(0, rank) for rank in range(world_size)]  # a heap of (load, rank)
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for index in order:
+        load, rank = heapq.heappop(loads)
+        assigned[rank].append(index)
+        heapq.heappush(loads, (load + costs[index], rank))
+    return [sorted(indices) for indices in assigned]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is: rank, world size, and whether torch.distributed connects the ranks."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    connected: bool = False
+    """True under torchrun (a process group exists); False alone or with --rank/--world-size."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_split(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def detect(cls, rank: int | None = None, world_size: int | None = None) -> DistContext:
+        """--rank/--world-size given by hand win; else torchrun's environment; else one process."""
+        if rank is not None and world_size is not None:
+            return cls(rank, world_size, 0, connected=False)
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if env_world > 1:
+            return cls(
+                int(os.environ["RANK"]), env_world, int(os.environ.get("LOCAL_RANK", "0")), connected=True
+            )
+        return cls()
+
+    def device_name(self, requested: str) -> str:
+        """Under torchrun each rank takes cuda:LOCAL_RANK when asked for auto or plain cuda."""
+        if not self.connected:
+            return requested
+        import torch
+
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def setup(self, device_type: str) -> None:
+        """Join the process group (NCCL with GPUs, gloo on CPU)."""
+        if not self.connected:
+            return
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        seconds = os.environ.get("MERGE_CLI_BARRIER_TIMEOUT")
+        timeout = datetime.timedelta(seconds=float(seconds)) if seconds else DEFAULT_BARRIER_TIMEOUT
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group(backend=backend, timeout=timeout)
+
+    def barrier(self) -> None:
+        if self.connected:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's `value` (on every rank); just [value] when not connected."""
+        if not self.connected:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def shutdown(self) -> None:
+        if self.connected:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

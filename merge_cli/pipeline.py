@@ -1,0 +1,519 @@
+"""The extract loop: sources -> DataLoader (decode) -> batches -> tower + merger -> writer.
+
+`run_extract` is the whole job behind `merge-cli extract`. Decoding runs in DataLoader worker
+processes (they receive Sample descriptors, never models); the main process batches by token
+budget and runs the models; a writer thread stores results so disk I/O overlaps the next batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_cli import __version__
+from merge_cli.batching import TokenBatcher
+from merge_cli.compute import FeatureExtractor, PendingOutput, resolve_device
+from merge_cli.config import ExtractConfig, MediaOptions
+from merge_cli.distributed import DistContext, split_work
+from merge_cli.errors import ConfigMismatchError, MediaError
+from merge_cli.hashing import hash_json
+from merge_cli.media import decode_sample, plan_sample
+from merge_cli.merger import SpatialMergeProjector, load_projector_with_hash
+from merge_cli.progress import Reporter
+from merge_cli.records import Failure, Features, Item, Sample
+
+RANDOM_PROJECTOR_SEED = 1234
+FAILURE_PREVIEW = 5
+
+
+@dataclass
+class Models:
+    """What runs on the device, with the provenance the output records."""
+
+    tower: torch.nn.Module
+    projector: SpatialMergeProjector | None
+    projector_source: str
+    projector_hash: str
+
+
+@dataclass
+class Timings:
+    """Where the wall time went (seconds). decode_wait: the main loop blocked on decoding."""
+
+    decode_wait: float = 0.0
+    decode_cpu: float = 0.0
+    compute: float = 0.0
+    write: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one extract run (of this rank, or merged over ranks)."""
+
+    out: str
+    samples: int = 0
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored_files: int = 0
+    tokens: int = 0
+    patch_tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    batch_fill: float = 0.0
+    stopped_early: bool = False
+    tower: str = ""
+    tower_is_demo: bool = False
+    output: str = ""
+    device: str = ""
+    compute_dtype: str = ""
+    store_dtype: str = ""
+    world_size: int = 1
+    timings: Timings = field(default_factory=Timings)
+    failures: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        seconds = max(self.seconds, 1e-9)
+        data["samples_per_second"] = self.written / seconds
+        data["patch_tokens_per_second"] = self.patch_tokens / seconds
+        data["exit_code"] = self.exit_code
+        return data
+
+
+def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunSummary:
+    """Run `merge-cli extract`; raises MergeCliError subclasses for runs that cannot start."""
+    from merge_cli import store
+    from merge_cli.sources import collect_samples
+
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    dist = DistContext.detect(config.rank, config.world_size)
+    device = resolve_device(dist.device_name(config.device))
+    dist.setup(device.type)
+    compute_dtype = config.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    store_dtype = config.store_dtype or compute_dtype
+    out = Path(config.out)
+
+    sample_set = collect_samples(
+        [Path(p) for p in config.inputs],
+        Path(config.media_root) if config.media_root else None,
+        gif_as_video=config.gif_as_video,
+    )
+    models = build_models(config)
+    tower = models.tower
+    media = config.media_options(tower.patch_size)
+    attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
+    if tower.is_demo:
+        reporter.warn(
+            "using the built-in demo tower: its features are meaningless for training "
+            "(point --tower at a real checkpoint folder)"
+        )
+
+    todo, skipped = _resume_plan(config, out, attrs, sample_set.samples, dist)
+    source_failures = [f for f in sample_set.failures if f.key not in skipped]
+    mine = _my_share(todo, media, dist)
+
+    summary = RunSummary(
+        out=str(out),
+        samples=len(sample_set.samples) + len(sample_set.failures),
+        skipped=len(skipped),
+        ignored_files=sample_set.ignored,
+        tower=tower.name,
+        tower_is_demo=tower.is_demo,
+        output=config.output_kind,
+        device=str(device),
+        compute_dtype=compute_dtype,
+        store_dtype=store_dtype,
+        world_size=dist.world_size,
+    )
+    extractor = FeatureExtractor(
+        tower,
+        models.projector,
+        merge_size=config.merge_size,
+        device=device,
+        compute_dtype=compute_dtype,
+        store_dtype=store_dtype,
+    )
+    writer = store.ShardWriter(
+        out,
+        attrs,
+        rank=dist.rank,
+        shard_bytes=config.shard_bytes,
+        compression=config.compression,
+        store_dtype=store_dtype,
+    )
+    # Source failures (e.g. a manifest naming an unsupported file) belong to rank 0 alone.
+    failures = source_failures if dist.is_main else []
+    reporter.start(len(mine) + len(failures))
+    try:
+        _extract_loop(config, media, mine, failures, extractor, writer, reporter, summary)
+    except KeyboardInterrupt:
+        if not dist.connected:  # make what was finished readable through feats.h5 right away
+            store.build_index(out)
+        raise
+    finally:
+        reporter.finish()
+    summary.seconds = time.perf_counter() - started
+    summary = _finish(out, dist, summary, reporter)
+    return summary
+
+
+def build_models(config: ExtractConfig) -> Models:
+    """Load the tower (and projector) once per process, on the CPU; the extractor moves them."""
+    from merge_cli.towers import load_tower
+
+    tower = load_tower(config.tower, layer=config.layer, trust_remote_code=config.trust_remote_code)
+    if config.output_kind == "merged":
+        return Models(tower, None, "none", "none")
+    if config.random_projector:
+        projector = random_projector(tower.hidden_size, config.llm_dim or 4 * tower.hidden_size, config)
+        from merge_cli.hashing import hash_state_dict
+
+        return Models(tower, projector, "random", hash_state_dict(projector.state_dict()))
+    loaded = load_projector_with_hash(config.projector, eps=config.projector_eps)
+    if loaded.module.vit_dim != tower.hidden_size:
+        from merge_cli.errors import CheckpointError
+
+        raise CheckpointError(
+            f"projector {config.projector} expects tower width {loaded.module.vit_dim}, "
+            f"but {tower.name} produces {tower.hidden_size}"
+        )
+    if loaded.module.spatial_merge_size != config.merge_size:
+        from merge_cli.errors import CheckpointError
+
+        raise CheckpointError(
+            f"projector {config.projector} merges {loaded.module.spatial_merge_size}x"
+            f"{loaded.module.spatial_merge_size} windows, but --merge-size is {config.merge_size}"
+        )
+    return Models(tower, loaded.module, loaded.source, loaded.content_hash)
+
+
+def random_projector(vit_dim: int, llm_dim: int, config: ExtractConfig) -> SpatialMergeProjector:
+    """A projector with seeded random weights (tests and demos): the same on every rank and run."""
+    generator = torch.Generator().manual_seed(RANDOM_PROJECTOR_SEED)
+    projector = SpatialMergeProjector(llm_dim, vit_dim, config.merge_size, eps=config.projector_eps)
+    with torch.no_grad():
+        for parameter in projector.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        projector.ln_q.weight.add_(1.0)
+    return projector.eval()
+
+
+def output_attrs(
+    config: ExtractConfig, models: Models, media: MediaOptions, compute_dtype: str, store_dtype: str
+) -> dict:
+    """Root attributes of every shard and the index, with the hash of what changes the numbers."""
+    tower = models.tower
+    media_settings = media.to_dict()
+    media_settings.pop("max_image_pixels")  # decides failing, not the numbers
+    settings = {
+        "tower": tower.name,
+        "tower_hash": tower.content_hash,
+        "layer": config.layer,
+        "output": config.output_kind,
+        "projector_hash": models.projector_hash,
+        "projector_eps": config.projector_eps if models.projector is not None else None,
+        "merge_size": config.merge_size,
+        "compute_dtype": compute_dtype,
+        "store_dtype": store_dtype,
+        "media": media_settings,
+    }
+    return {
+        "merge_cli_version": __version__,
+        "tower": tower.name,
+        "tower_kind": tower.kind,
+        "tower_hash": tower.content_hash,
+        "tower_is_demo": bool(tower.is_demo),
+        "projector": models.projector_source,
+        "projector_hash": models.projector_hash,
+        "output": config.output_kind,
+        "layer": config.layer,
+        "patch_size": tower.patch_size,
+        "merge_size": config.merge_size,
+        "temporal_patch_size": getattr(tower, "temporal_patch_size", 1),
+        "compute_dtype": compute_dtype,
+        "store_dtype": store_dtype,
+        "resize_policy": media.policy.to_json(),
+        "video_options": hash_json_text(media_settings["video"]),
+        "media_options": hash_json_text(media_settings),
+        "settings": hash_json_text(settings),
+        "config_hash": hash_json(settings),
+    }
+
+
+def hash_json_text(value: object) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True)
+
+
+def _resume_plan(
+    config: ExtractConfig, out: Path, attrs: dict, samples: Sequence[Sample], dist: DistContext
+) -> tuple[list[Sample], set[str]]:
+    """Samples still to do, and the keys skipped as already stored."""
+    from merge_cli import store
+
+    if config.resume == "overwrite":
+        if dist.is_main:
+            store.remove_output(out)
+        dist.barrier()
+        return list(samples), set()
+    # Rank 0 scans first (it also removes temporary shards a killed run left behind).
+    existing = store.scan_existing(out) if dist.is_main else None
+    dist.barrier()
+    if not dist.is_main:
+        existing = store.scan_existing(out)
+    if existing is None:
+        return list(samples), set()
+    _check_same_settings(existing.attrs, attrs, out)
+    done = existing.done_keys
+    return [s for s in samples if s.key not in done], {s.key for s in samples if s.key in done}
+
+
+def _check_same_settings(old: dict, new: dict, out: Path) -> None:
+    import json
+
+    if old.get("config_hash") == new["config_hash"]:
+        return
+    try:
+        before, after = json.loads(old.get("settings", "{}")), json.loads(new["settings"])
+    except (TypeError, ValueError):
+        before, after = {}, {}
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:4])
+    raise ConfigMismatchError(
+        f"{out} was written with other settings ({details or 'config_hash differs'}); "
+        f"use --overwrite to start over or another --out"
+    )
+
+
+def _my_share(todo: list[Sample], media: MediaOptions, dist: DistContext) -> list[Sample]:
+    """This rank's part of the work, balanced by estimated tokens across ranks."""
+    if not dist.is_split:
+        return todo
+    costs = estimate_costs(todo, media, dist)
+    return [todo[i] for i in split_work(costs, dist.world_size)[dist.rank]]
+
+
+def estimate_costs(samples: Sequence[Sample], media: MediaOptions, dist: DistContext) -> list[int]:
+    """Patch tokens each sample will cost, from headers only; connected ranks share the probing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def cost(sample: Sample) -> int:
+        try:
+            t, h, w = plan_sample(sample, media)
+            return max(1, t * h * w)
+        except MediaError:
+            return 1  # it will fail fast
+
+    stride = dist.world_size if dist.connected else 1
+    offset = dist.rank if dist.connected else 0
+    mine = list(range(offset, len(samples), stride))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        probed = dict(zip(mine, pool.map(lambda i: cost(samples[i]), mine)))
+    if dist.connected:
+        for part in dist.gather(probed):
+            probed.update(part)
+    return [probed[i] for i in range(len(samples))]
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """Samples in, decoded items (or failures) out; runs in DataLoader worker processes."""
+
+    def __init__(self, samples: Sequence[Sample], media: MediaOptions) -> None:
+        self.samples = list(samples)
+        self.media = media
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Item | Failure, float]:
+        started = time.perf_counter()
+        result = decode_sample(self.samples[index], self.media)
+        return result, time.perf_counter() - started
+
+
+def _identity(value):
+    return value
+
+
+def _decoded(samples: Sequence[Sample], media: MediaOptions, workers: int) -> Iterator[tuple[Item | Failure, float]]:
+    if not samples:
+        return iter(())
+    options: dict = dict(batch_size=None, shuffle=False, num_workers=min(workers, len(samples)), collate_fn=_identity)
+    if options["num_workers"] > 0:
+        options.update(prefetch_factor=4, persistent_workers=False)
+        if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
+            options["in_order"] = False  # a slow video must not hold up the images behind it
+    return iter(torch.utils.data.DataLoader(_DecodeDataset(samples, media), **options))
+
+
+class _BackgroundWriter:
+    """Stores results on a thread so disk writes overlap the next batch's compute."""
+
+    def __init__(self, writer, summary: RunSummary, reporter: Reporter) -> None:
+        self.writer = writer
+        self.summary = summary
+        self.reporter = reporter
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.busy = 0.0
+        self.thread = threading.Thread(target=self._run, name="merge-cli-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, pending: PendingOutput) -> None:
+        self._raise_if_failed()
+        self.queue.put(pending)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            pending = self.queue.get()
+            if pending is None:
+                return
+            if self.error is not None:
+                continue  # drain so that submit never blocks forever
+            try:
+                started = time.perf_counter()
+                self._store(pending.wait())
+                self.busy += time.perf_counter() - started
+            except BaseException as error:  # re-raised in the main thread
+                self.error = error
+
+    def _store(self, results: Iterable[Features | Failure]) -> None:
+        for result in results:
+            if isinstance(result, Failure):
+                self.writer.add_failure(result)
+                _record_failure(self.summary, result)
+                self.reporter.advance(failures=1)
+            else:
+                self.writer.add(result)
+                self.summary.written += 1
+                self.summary.tokens += int(result.tokens.shape[0] * result.tokens.shape[1])
+                patch_tokens = result.grid_thw[0] * result.grid_thw[1] * result.grid_thw[2]
+                self.summary.patch_tokens += patch_tokens
+                self.reporter.advance(samples=1, tokens=patch_tokens)
+
+
+def _record_failure(summary: RunSummary, failure: Failure) -> None:
+    summary.failed += 1
+    if len(summary.failures) < FAILURE_PREVIEW:
+        summary.failures.append(asdict(failure))
+
+
+def _extract_loop(
+    config: ExtractConfig,
+    media: MediaOptions,
+    samples: Sequence[Sample],
+    source_failures: Sequence[Failure],
+    extractor: FeatureExtractor,
+    writer,
+    reporter: Reporter,
+    summary: RunSummary,
+) -> None:
+    def patch_tokens(item: Item) -> int:
+        t, h, w = extractor.feature_grid(item)
+        return t * h * w
+
+    batcher = TokenBatcher(config.batch_tokens, patch_tokens, config.batching)
+    decoded = _decoded(samples, media, config.workers)  # workers fork before the writer thread starts
+    background = _BackgroundWriter(writer, summary, reporter)
+    timings = summary.timings
+
+    def run(batches) -> None:
+        for batch in batches:
+            started = time.perf_counter()
+            pending = extractor.extract(batch.items)
+            timings.compute += time.perf_counter() - started
+            background.submit(pending)
+
+    try:
+        if source_failures:
+            background.submit(PendingOutput(list(source_failures)))
+            if config.strict:
+                summary.stopped_early = True
+                return
+        while True:
+            started = time.perf_counter()
+            try:
+                result, decode_seconds = next(decoded)
+            except StopIteration:
+                break
+            timings.decode_wait += time.perf_counter() - started
+            timings.decode_cpu += decode_seconds
+            if isinstance(result, Failure):
+                background.submit(PendingOutput([result]))
+                if config.strict:
+                    summary.stopped_early = True
+                    break
+                continue
+            run(batcher.add(result))
+        if not summary.stopped_early:
+            run(batcher.flush())
+    finally:
+        # Whatever happened (an interrupt included), everything already computed is stored and
+        # the open shard is completed, so a rerun resumes from here.
+        try:
+            background.close()
+        finally:
+            writer.close()
+        timings.write = background.busy
+        summary.batches = batcher.stats.batches
+        summary.batch_fill = batcher.stats.fill
+        summary.bytes = writer.bytes_written
+        if config.strict and summary.failed:
+            summary.stopped_early = True
+
+
+def _finish(out: Path, dist: DistContext, summary: RunSummary, reporter: Reporter) -> RunSummary:
+    """Wait for every rank, merge their summaries, and (rank 0) write the index."""
+    from merge_cli import store
+
+    summary.warnings = list(reporter.warnings)
+    dist.barrier()
+    if dist.connected:
+        summary = merge_summaries([s for s in dist.gather(summary)])  # type: ignore[misc]
+    if dist.is_main:
+        store.build_index(out)
+    dist.barrier()
+    return summary
+
+
+def merge_summaries(parts: Sequence[RunSummary]) -> RunSummary:
+    """One summary for the whole job: counts summed, time the slowest rank's."""
+    first = parts[0]
+    merged = RunSummary(**{**asdict(first), "timings": Timings(**asdict(first.timings))})
+    merged.failures = list(first.failures)
+    for part in parts[1:]:
+        for name in ("written", "failed", "tokens", "patch_tokens", "bytes", "batches"):
+            setattr(merged, name, getattr(merged, name) + getattr(part, name))
+        for name in ("decode_wait", "decode_cpu", "compute", "write"):
+            setattr(merged.timings, name, getattr(merged.timings, name) + getattr(part.timings, name))
+        merged.seconds = max(merged.seconds, part.seconds)
+        merged.stopped_early = merged.stopped_early or part.stopped_early
+        merged.failures.extend(part.failures[: max(0, FAILURE_PREVIEW - len(merged.failures))])
+    fills = [(p.batch_fill, p.batches) for p in parts]
+    total = sum(b for _, b in fills)
+    merged.batch_fill = sum(f * b for f, b in fills) / total if total else 0.0
+    return merged
