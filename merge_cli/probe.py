@@ -6,6 +6,9 @@ decoding, e.g. for balancing work across ranks.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,27 +55,69 @@ def probe_media(path: Path | str) -> MediaInfo:
     return probe_image(path) if kind == "image" else probe_video(path)
 
 
-def probe_image(path: Path) -> MediaInfo:
+_pillow_lock = threading.Lock()
+_pillow_users = 0
+_pillow_saved_limit: int | None = None
+
+
+@contextmanager
+def pillow_limit_lifted() -> Iterator[None]:
+    """Switch off Pillow's global decompression-bomb check (`Image.MAX_IMAGE_PIXELS`) inside.
+
+    merge-cli applies its own explicit, configurable limit from the header instead (see
+    `media.py`), which Pillow's global could otherwise undercut. Reference-counted under a lock, so
+    that threads probing at once (cost estimates) restore Pillow's value exactly once, at the end.
+    """
+    from PIL import Image
+
+    global _pillow_users, _pillow_saved_limit
+    with _pillow_lock:
+        if _pillow_users == 0:
+            _pillow_saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pillow_users += 1
+    try:
+        yield
+    finally:
+        with _pillow_lock:
+            _pillow_users -= 1
+            if _pillow_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pillow_saved_limit
+
+
+def image_orientation(image) -> int:
+    """The EXIF orientation (1..8) of an opened Pillow image; 1 when it has none."""
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def transposes(orientation: int) -> bool:
+    """Whether an EXIF orientation rotates by 90 degrees (height and width swap on display)."""
+    return orientation in _TRANSPOSING_ORIENTATIONS
+
+
+def probe_image(path: Path, stage: str = "probe") -> MediaInfo:
+    """Size as displayed, from the header only (no pixel decoding; any size can be probed)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with pillow_limit_lifted(), Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise MediaError("probe", f"{path.name}: {error}", type(error).__name__) from error
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+            orientation = image_orientation(image)
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise MediaError(stage, f"{path.name}: {error}", type(error).__name__) from error
+    if transposes(orientation):
         height, width = width, height
     return MediaInfo("image", height, width)
 
 
-def probe_video(path: Path) -> MediaInfo:
+def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
     import av
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise MediaError("probe", f"{path.name}: no video stream", "NoVideoStream")
+                raise MediaError(stage, f"{path.name}: no video stream", "NoVideoStream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate) if stream.average_rate else None
@@ -85,7 +130,7 @@ def probe_video(path: Path) -> MediaInfo:
     except MediaError:
         raise
     except (OSError, ValueError, av.FFmpegError) as error:
-        raise MediaError("probe", f"{path.name}: {error}", type(error).__name__) from error
+        raise MediaError(stage, f"{path.name}: {error}", type(error).__name__) from error
     if not width or not height:
-        raise MediaError("probe", f"{path.name}: video stream has no frame size", "NoVideoStream")
+        raise MediaError(stage, f"{path.name}: video stream has no frame size", "NoVideoStream")
     return MediaInfo("video", height, width, num_frames, fps, duration)

@@ -35,10 +35,15 @@ def make_image(path: Path, height: int, width: int, mode: str = "RGB", rng=None,
     return path
 
 
+def frame_level(index: int) -> int:
+    """The mean gray level of frame `index` of a `make_video` video."""
+    return (index * 37) % 200 + 28
+
+
 def video_frame(index: int, height: int, width: int, rng=None) -> np.ndarray:
     """Frame `index`: random texture whose mean level encodes the index (survives compression)."""
     rng = _rng(rng)
-    level = (index * 37) % 200 + 28
+    level = frame_level(index)
     frame = np.full((height, width, 3), level, np.float32)
     frame += rng.normal(0, 4, size=frame.shape)
     return np.clip(frame, 0, 255).astype(np.uint8)
@@ -52,12 +57,13 @@ def make_video(
     fps: int = 10,
     codec: str = "libx264",
     rng=None,
+    container_options: dict | None = None,
 ) -> Path:
-    """Write a short video; yuv420p needs even sides."""
+    """Write a short video; yuv420p needs even sides. Frame i has mean level `frame_level(i)`."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
@@ -67,4 +73,83 @@ def make_video(
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def save_array(path: Path, array: np.ndarray, mode: str | None = None, **save_kwargs) -> Path:
+    """Write exactly these pixels (lossless formats keep them bit for bit)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    image.save(path, **save_kwargs)
+    return path
+
+
+def exif_orientation(orientation: int):
+    """An EXIF block holding only an orientation tag (pass as `exif=` when saving)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def make_gif(path: Path, levels: list[int], size: tuple[int, int] = (56, 56), durations: list[int] | None = None) -> Path:
+    """An animated GIF whose frame i is a flat gray of `levels[i]` (size HxW)."""
+    from PIL import Image
+
+    height, width = size
+    frames = [Image.new("RGB", (width, height), (level, level, level)) for level in levels]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations or 100, loop=0)
+    return path
+
+
+def png_header(path: Path, height: int, width: int) -> Path:
+    """A tiny PNG that claims `height x width` pixels: the header of a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def truncate(path: Path, fraction: float = 0.5, target: Path | None = None) -> Path:
+    """Keep the first `fraction` of the file's bytes (in place, or written to `target`)."""
+    data = path.read_bytes()
+    target = target or path
+    target.write_bytes(data[: int(len(data) * fraction)])
+    return target
+
+
+def make_audio_only(path: Path) -> Path:
+    """An MP4 holding one short AAC audio stream and no video."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def zero_video_data(path: Path) -> Path:
+    """Zero the coded frames of an MP4 whose index (moov) follows its data (mdat): nothing decodes."""
+    data = bytearray(path.read_bytes())
+    start, end = data.find(b"mdat"), data.find(b"moov")
+    assert 0 <= start < end, "expects an MP4 with its index (moov) after the data (mdat)"
+    data[start + 4 + 64 : end - 8] = bytes(end - 8 - (start + 4 + 64))
+    path.write_bytes(bytes(data))
     return path

@@ -1,0 +1,408 @@
+"""Decode and resize one sample: a path on disk -> uint8 pixels on a patch-aligned even grid.
+
+`decode_sample` never raises for bad input: whatever a file does wrong becomes a `Failure`
+(key, stage, error type, message), and the run goes on. Stages:
+
+  open    the file is missing, a directory, a broken link, empty, of an unknown format, has no
+          video stream, or is larger than the decompression-bomb limit (all known from the header)
+  decode  pixel data that cannot be decoded: truncated or corrupt files, no decodable frames
+  sample  no frame in the requested --video-start/--video-end range
+  resize  the resize policy refuses the size: smaller than one merge window, aspect ratio > 200
+
+Pixels stay uint8 here (4x less to move from DataLoader workers to the GPU than floats);
+`normalize` turns them into the tower's input on whatever device they end up on.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merge_cli import video
+from merge_cli.config import MediaOptions
+from merge_cli.errors import GridError, MediaError
+from merge_cli.grid import ResizePolicy, patch_grid
+from merge_cli.probe import (
+    IMAGE_EXTENSIONS,
+    image_orientation,
+    pillow_limit_lifted,
+    probe_video,
+    transposes,
+)
+from merge_cli.records import Failure, Item, Sample
+from merge_cli.sources import escape_text
+
+# Pillow modes holding 16-bit samples; Pillow's own convert("RGB") clips them at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+_DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+_GIF_DEFAULT_FRAME_MS = 100  # what browsers show for frames without (or with a zero) duration
+
+
+def decode_sample(sample: Sample, options: MediaOptions) -> Item | Failure:
+    """Decode, orient, convert and resize one sample; any problem becomes a Failure, never raises."""
+    try:
+        if sample.kind == "image":
+            return _decode_image(sample, options)
+        if sample.path.suffix.lower() in IMAGE_EXTENSIONS:  # an animated GIF read as video
+            return _decode_animation(sample, options)
+        return _decode_video(sample, options)
+    except MediaError as error:
+        return Failure(sample.key, error.stage, error.error_type, escape_text(str(error)))
+    except Exception as error:  # an unforeseen library error is still one sample's row, not a crash
+        return Failure(sample.key, "decode", type(error).__name__, escape_text(_describe(error)))
+
+
+def plan_sample(sample: Sample, options: MediaOptions) -> tuple[int, int, int]:
+    """(frames, patch rows, patch cols) the sample will have after resizing, from headers only.
+
+    Raises MediaError whenever decoding would fail on what the header shows (unreadable header,
+    decompression bomb, a size the policy refuses, an empty frame range). For videos whose header
+    keeps no frame count (Matroska, WebM) the count is estimated from the duration.
+    """
+    from PIL import Image
+
+    path = sample.path
+    _check_file(path)
+    patch = options.policy.patch_size
+    if sample.kind == "image" or path.suffix.lower() in IMAGE_EXTENSIONS:
+        with pillow_limit_lifted(), _stage("open"), Image.open(path) as image:
+            _check_pixel_limit(image.size, options.max_image_pixels)
+            height, width = _displayed_hw(image)
+            if sample.kind == "image":
+                return (1, *patch_grid(*_target_size(height, width, options.policy), patch))
+            durations = _frame_durations(image)
+        indices = _animation_indices(durations, options)
+    else:
+        info = probe_video(path, stage="open")
+        height, width = info.height, info.width
+        indices = video.sample_frame_indices(info.num_frames, info.fps or 0.0, options.video)
+        if not indices:
+            raise _empty_range(options, info.num_frames, info.fps)
+    policy = video_frame_policy(options, len(indices))
+    return (len(indices), *patch_grid(*_target_size(height, width, policy, "video frame"), patch))
+
+
+def normalize(
+    pixels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> (x / 255 - mean) / std per channel, in `dtype`, on the pixels' device.
+
+    Computed in float32 (one multiply-add per element) and cast to `dtype` at the end.
+    """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels; got {pixels.dtype}")
+    if pixels.dim() < 3 or pixels.shape[-3] != 3:
+        raise ValueError(f"normalize expects (T, 3, H, W) pixels; got shape {tuple(pixels.shape)}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each; got {len(mean)} and {len(std)}")
+    mean_t = torch.tensor(mean, dtype=torch.float64)
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(3, 1, 1).to(pixels.device)
+    shift = (mean_t / std_t).to(torch.float32).view(3, 1, 1).to(pixels.device)
+    return (pixels.to(torch.float32) * scale - shift).to(dtype)
+
+
+def to_rgb(image):
+    """Any Pillow mode -> RGB: transparency composited onto white, 16-bit samples scaled (v / 257)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2), "RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def video_frame_policy(options: MediaOptions, num_frames: int) -> ResizePolicy:
+    """The resize policy for every frame of a video with `num_frames` sampled frames.
+
+    Ceiling: min(video max_pixels, video total_pixels / num_frames), never below one merge window.
+    """
+    policy, settings = options.policy, options.video
+    assert settings.max_pixels is not None and settings.total_pixels is not None  # resolved in MediaOptions
+    ceiling = min(settings.max_pixels, settings.total_pixels // max(1, num_frames))
+    return policy.with_max_pixels(max(policy.factor**2, ceiling))
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def _decode_image(sample: Sample, options: MediaOptions) -> Item:
+    from PIL import Image, ImageOps
+
+    path = sample.path
+    _check_file(path)
+    with pillow_limit_lifted():
+        with _stage("open"):
+            image = Image.open(path)
+        with image:
+            _check_pixel_limit(image.size, options.max_image_pixels)
+            header_hw = _displayed_hw(image)
+            target = _target_size(*header_hw, options.policy)
+            drafted = options.fast_decode and _draft(image, target, transposes(image_orientation(image)))
+            with _stage("decode"):
+                image.load()
+                oriented = image
+                if image_orientation(image) != 1:  # PNG may only reveal its EXIF once loaded
+                    oriented = ImageOps.exif_transpose(image)
+                rgb = to_rgb(oriented)
+            orig_hw = header_hw if drafted else (rgb.height, rgb.width)
+            if orig_hw != header_hw:
+                target = _target_size(*orig_hw, options.policy)
+            pixels = _resize(rgb, target)[None]  # (1, H, W, 3), resized before the file is closed
+    return Item(sample.key, "image", _to_tensor(pixels), orig_hw, target, "pillow")
+
+
+def _displayed_hw(image) -> tuple[int, int]:
+    """(height, width) of an opened image as displayed, after EXIF orientation."""
+    width, height = image.size
+    return (width, height) if transposes(image_orientation(image)) else (height, width)
+
+
+def _draft(image, target: tuple[int, int], transposed: bool) -> bool:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 when the target is at least 2x smaller.
+
+    Pillow's draft picks the largest such scale that keeps the image at least as large as the
+    request; the exact bicubic resize then finishes. Returns whether the decoded size changed.
+    """
+    if image.format not in _DRAFT_FORMATS:
+        return False
+    height, width = target
+    if transposed:
+        height, width = width, height  # the file stores the image unrotated
+    if image.width < 2 * width or image.height < 2 * height:
+        return False
+    stored = image.size
+    image.draft(image.mode, (width, height))
+    return image.size != stored
+
+
+# --- animated images as video ---------------------------------------------------------------------
+
+
+def _decode_animation(sample: Sample, options: MediaOptions) -> Item:
+    """An animated image (GIF) read as a video with Pillow; timestamps from the frame durations."""
+    from PIL import Image
+
+    path = sample.path
+    _check_file(path)
+    with pillow_limit_lifted():
+        with _stage("open"):
+            image = Image.open(path)
+        with image:
+            _check_pixel_limit(image.size, options.max_image_pixels)
+            with _stage("decode"):
+                durations = _frame_durations(image)
+            indices = _animation_indices(durations, options)
+            height, width = image.height, image.width
+            policy = video_frame_policy(options, len(indices))
+            target = _target_size(height, width, policy, "video frame")
+            frames = []
+            with _stage("decode"):
+                for index in indices:
+                    image.seek(index)
+                    frames.append(_resize(to_rgb(image), target))
+    starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) / 1000.0
+    return Item(
+        sample.key,
+        "video",
+        _to_tensor(np.stack(frames)),
+        (height, width),
+        target,
+        "pillow",
+        frame_indices=indices,
+        frame_times=[float(starts[index]) for index in indices],
+    )
+
+
+def _frame_durations(image) -> list[int]:
+    """Display time of every frame in milliseconds (seeks through the file, decodes nothing)."""
+    durations = []
+    for index in range(getattr(image, "n_frames", 1)):
+        image.seek(index)
+        duration = image.info.get("duration") or 0
+        durations.append(duration if duration > 0 else _GIF_DEFAULT_FRAME_MS)
+    image.seek(0)
+    return durations
+
+
+def _animation_indices(durations: list[int], options: MediaOptions) -> list[int]:
+    fps = len(durations) / (sum(durations) / 1000.0)
+    indices = video.sample_frame_indices(len(durations), fps, options.video)
+    if not indices:
+        raise _empty_range(options, len(durations), fps)
+    return indices
+
+
+# --- videos ---------------------------------------------------------------------------------------
+
+
+def _decode_video(sample: Sample, options: MediaOptions) -> Item:
+    """decord first, PyAV when decord cannot open or read the file; one reader, released after use."""
+    path = sample.path
+    _check_file(path)
+    promised = video.promised_frames(path)
+    failures: list[video.DecoderError] = []
+    for decoder in video.DECODERS:
+        try:
+            with decoder(path) as source:
+                return _read_clip(sample, source, promised, options)
+        except video.DecoderError as error:
+            failures.append(error)
+    last = failures[-1]
+    tried = "; ".join(f"{failure.decoder}: {type(failure.cause).__name__}" for failure in failures[:-1])
+    message = _describe(last.cause) + (f" (also failed: {tried})" if tried else "")
+    raise MediaError(last.stage, message, type(last.cause).__name__)
+
+
+def _read_clip(sample: Sample, source: video.VideoSource, promised: int | None, options: MediaOptions) -> Item:
+    if source.num_frames <= 0:
+        raise MediaError("decode", "no decodable video frames", "NoDecodableFrames")
+    if video.looks_truncated(source.num_frames, promised):
+        raise MediaError(
+            "decode",
+            f"the header promises {promised} frames but only {source.num_frames} can be read; "
+            "the file looks truncated",
+            "TruncatedVideo",
+        )
+    if not source.fps > 0:
+        raise MediaError("open", "the video stream has no frame rate", "UnknownFrameRate")
+    indices = video.sample_frame_indices(source.num_frames, source.fps, options.video)
+    if not indices:
+        raise _empty_range(options, source.num_frames, source.fps)
+    policy = video_frame_policy(options, len(indices))
+    frames: list[np.ndarray] = []
+    orig_hw = target = None
+    for chunk in source.chunks(indices):  # (k, H, W, 3) uint8
+        if target is None:
+            orig_hw = (int(chunk.shape[1]), int(chunk.shape[2]))
+            target = _target_size(*orig_hw, policy, "video frame")
+        frames.extend(_resize_array(frame, target) for frame in chunk)
+    assert orig_hw is not None and target is not None  # chunks() yields every index or raises
+    return Item(
+        sample.key,
+        "video",
+        _to_tensor(np.stack(frames)),
+        orig_hw,
+        target,
+        source.name,
+        frame_indices=indices,
+        frame_times=video.frame_times(indices, source.fps),
+    )
+
+
+def _empty_range(options: MediaOptions, total_frames: int, fps: float | None) -> MediaError:
+    settings = options.video
+    length = f"{total_frames / fps:.2f} s" if fps else f"{total_frames} frames"
+    return MediaError(
+        "sample",
+        f"no frame between --video-start {settings.start or 0:g} s and --video-end "
+        f"{'the end' if settings.end is None else f'{settings.end:g} s'}: the video lasts {length}",
+        "EmptyFrameRange",
+    )
+
+
+# --- shared helpers -------------------------------------------------------------------------------
+
+
+def _check_file(path: Path) -> None:
+    """Refuse what is not a non-empty regular file, with a message that says which problem it is."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise MediaError(
+                "open", f"broken symbolic link: {path} -> {os.readlink(path)}", "BrokenSymlink"
+            ) from None
+        raise MediaError("open", f"no such file: {path}", "FileNotFoundError") from None
+    except OSError as error:
+        raise MediaError("open", f"cannot read {path}: {error.strerror}", type(error).__name__) from error
+    if stat.S_ISDIR(info.st_mode):
+        raise MediaError("open", f"a directory, not a file: {path}", "IsADirectoryError")
+    if not stat.S_ISREG(info.st_mode):
+        raise MediaError("open", f"not a regular file: {path}", "NotARegularFile")
+    if info.st_size == 0:
+        raise MediaError("open", f"empty file (0 bytes): {path}", "EmptyFile")
+
+
+def _check_pixel_limit(size: tuple[int, int], limit: int | None) -> None:
+    width, height = size
+    if limit is not None and width * height > limit:
+        raise MediaError(
+            "open",
+            f"{height}x{width} is {width * height:,} pixels, over the limit of {limit:,} "
+            "(--max-image-pixels): refusing a possible decompression bomb",
+            "DecompressionBombError",
+        )
+
+
+def _target_size(height: int, width: int, policy: ResizePolicy, what: str = "image") -> tuple[int, int]:
+    """The policy's size for `height x width`; refuses sides below one merge window.
+
+    Smart resize would blow a 5x5 image up to 56x56: every token would be made of interpolated
+    pixels. A side shorter than the merge factor (28 px for patch 14) is refused instead, as
+    transformers' Qwen2-VL processor did ("height or width must be larger than factor").
+    """
+    factor = policy.factor
+    if min(height, width) < factor:
+        raise MediaError(
+            "resize",
+            f"{what} {height}x{width} is smaller than one {factor}x{factor} merge window; not upscaling it",
+            "TooSmall",
+        )
+    try:
+        return policy.target_size(height, width)
+    except GridError as error:
+        raise MediaError("resize", str(error), "GridError") from error
+
+
+def _resize(image, target: tuple[int, int]) -> np.ndarray:
+    """Pillow bicubic (antialiased when shrinking) to (H, W) -> uint8 (H, W, 3)."""
+    from PIL import Image
+
+    height, width = target
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def _resize_array(frame: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return _resize(Image.fromarray(frame, "RGB"), target)
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> contiguous uint8 (T, 3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)))
+
+
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Label whatever a library raises in this block as a MediaError of stage `name`."""
+    try:
+        yield
+    except MediaError:
+        raise
+    except Exception as error:
+        raise MediaError(name, _describe(error), type(error).__name__) from error
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
