@@ -1,0 +1,253 @@
+"""`feats.h5`: one file presenting all shards as one output.
+
+`tokens` is an HDF5 virtual dataset over every shard's `tokens` (source paths relative to
+`feats.h5`, so the folder can move); the per-sample tables are copied from the shards with global
+offsets, plus which shard and local offset each sample lives at (the reader reads from there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from merge_cli.errors import FormatError
+from merge_cli.store import (
+    DTYPE_NAMES,
+    ERROR_FIELDS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LIBVER,
+    NUMPY_DTYPES,
+    SHARD_ATTRS,
+    STRING,
+    TMP_SUFFIX,
+    object_array,
+    decode_attrs,
+    encode_attrs,
+    failures_columns,
+    list_shards,
+    open_h5,
+    read_strings,
+    write_columns,
+)
+
+NUMERIC_COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "frame_offsets", "frame_lengths")
+SAMPLE_COLUMNS = ("keys", *NUMERIC_COLUMNS, "kind", "decoder")
+"""Per-sample datasets (first axis = sample), in every shard and in the index."""
+FRAME_COLUMNS = ("frame_indices", "frame_times")
+"""Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
+
+
+@dataclass
+class _Shard:
+    path: Path
+    attrs: dict
+    dtype: str
+    rows: int
+    dim: int
+    columns: dict[str, np.ndarray]
+    failures: list[tuple[str, str, str, str]]
+    size: int
+
+
+def read_shard(path: Path) -> _Shard:
+    """Everything but the tokens of one complete shard."""
+    with open_h5(path) as handle:
+        try:
+            attrs = decode_attrs(handle.attrs)
+            tokens = handle["tokens"]
+            columns = {
+                name: object_array(read_strings(handle[name])) if name == "keys" else handle[name][()]
+                for name in SAMPLE_COLUMNS
+            }
+            for name in FRAME_COLUMNS:
+                columns[name] = handle[name][()]
+            errors = [read_strings(handle["errors"][name]) for name in ERROR_FIELDS]
+            rows, dim = (int(s) for s in tokens.shape)
+            dtype = str(tokens.attrs.get("dtype", attrs.get("dtype")))
+        except (KeyError, OSError, ValueError) as error:
+            raise FormatError(f"{path}: damaged shard ({error})") from error
+    if dtype not in NUMPY_DTYPES:
+        raise FormatError(f"{path}: unknown stored dtype {dtype!r}")
+    return _Shard(path, attrs, dtype, rows, dim, columns, list(zip(*errors)), path.stat().st_size)
+
+
+def build_index(out: Path, *, attrs: Mapping[str, object] | None = None) -> dict:
+    """(Re)write `out` atomically from all complete shards beside it; return a JSON-able summary.
+
+    `attrs` are the root attributes to use when there is no shard at all (an empty run), so that
+    the output is still a valid, empty index. With no shard, no `attrs` and no earlier index,
+    FormatError: there is nothing to index.
+    """
+    out = Path(out)
+    paths = list_shards(out)
+    shards = [read_shard(path) for path in paths]
+    root = _root_attrs(out, shards, attrs)
+
+    dims = {s.dim for s in shards if s.rows}
+    dtypes = {s.dtype for s in shards}
+    if len(dims) > 1 or len(dtypes) > 1:
+        raise FormatError(f"{out}: shards disagree on token dim {sorted(dims)} or dtype {sorted(dtypes)}")
+    dtype = dtypes.pop() if dtypes else str(root.get("dtype", "bfloat16"))
+    dim = dims.pop() if dims else int(root.get("token_dim", 0) or 0)
+
+    # Keep the first occurrence of every key in shard order; later copies are duplicates.
+    seen: set[str] = set()
+    parts: list[dict[str, np.ndarray]] = []
+    row_base = 0
+    duplicates = 0
+    kept_per_shard = []
+    for number, shard in enumerate(shards):
+        cols = shard.columns
+        keys = cols["keys"]
+        keep = np.ones(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            if key in seen:
+                keep[i] = False
+            else:
+                seen.add(key)
+        duplicates += int((~keep).sum())
+        kept_per_shard.append(int(keep.sum()))
+        part = {name: cols[name][keep] for name in SAMPLE_COLUMNS}
+        frame_keep = np.repeat(keep, cols["frame_lengths"])
+        expected = np.concatenate([[0], np.cumsum(cols["frame_lengths"])[:-1]]) if len(keys) else cols["frame_offsets"]
+        if not np.array_equal(cols["frame_offsets"], expected) or len(frame_keep) != len(cols["frame_indices"]):
+            raise FormatError(f"{shard.path}: damaged shard (frame offsets do not match frame lengths)")
+        for name in FRAME_COLUMNS:
+            part[name] = cols[name][frame_keep]
+        part["shard"] = np.full(len(part["keys"]), number, dtype=np.int32)
+        part["shard_offsets"] = part["offsets"].astype(np.int64)
+        part["offsets"] = part["offsets"] + row_base
+        parts.append(part)
+        row_base += shard.rows
+
+    columns = _concatenate(parts)
+    n = len(columns["keys"])
+    frame_lengths = columns["frame_lengths"]
+    columns["frame_offsets"] = np.zeros(n, dtype=np.int64)
+    if n:
+        columns["frame_offsets"][1:] = np.cumsum(frame_lengths)[:-1]
+
+    # Errors: only keys that have no features anywhere; the last record of a key wins.
+    last_error: dict[str, tuple[str, str, str, str]] = {}
+    for shard in shards:
+        for record in shard.failures:
+            if record[0] not in seen:
+                last_error[record[0]] = record
+    failures = list(last_error.values())
+
+    tmp = out.with_name(out.name + TMP_SUFFIX)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w", libver=LIBVER) as handle:
+            root.update(
+                role="index",
+                dtype=dtype,
+                token_dim=dim,
+                shard_count=len(shards),
+                duplicate_keys=duplicates,
+                compression="+".join(sorted({str(s.attrs.get("compression", "none")) for s in shards})) or "none",
+            )
+            for name, value in encode_attrs(root).items():
+                handle.attrs[name] = value
+            _write_tokens(handle, out, shards, dtype, dim, row_base)
+            write_columns(handle, {name: columns[name] for name in (*SAMPLE_COLUMNS, *FRAME_COLUMNS)}, failures_columns(failures))
+            handle.create_dataset("shard", data=columns["shard"])
+            handle.create_dataset("shard_offsets", data=columns["shard_offsets"])
+            group = handle.create_group("shards")
+            group.create_dataset("path", data=object_array([_relative(s.path, out) for s in shards]), dtype=STRING)
+            group.create_dataset("rows", data=np.array([s.rows for s in shards], dtype=np.int64))
+            group.create_dataset("samples", data=np.array(kept_per_shard, dtype=np.int64))
+            group.create_dataset("errors", data=np.array([len(s.failures) for s in shards], dtype=np.int64))
+            group.create_dataset("bytes", data=np.array([s.size for s in shards], dtype=np.int64))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {
+        "output": str(out),
+        "shards": len(shards),
+        "samples": n,
+        "tokens": int(columns["lengths"].sum()) if n else 0,
+        "rows": row_base,
+        "errors": len(failures),
+        "duplicates": duplicates,
+        "token_dim": dim,
+        "dtype": dtype,
+        "shard_bytes": sum(s.size for s in shards),
+        "index_bytes": out.stat().st_size,
+    }
+
+
+def _root_attrs(out: Path, shards: list[_Shard], attrs: Mapping[str, object] | None) -> dict:
+    if shards:
+        first = shards[0]
+        for shard in shards[1:]:
+            if shard.attrs.get("config_hash") != first.attrs.get("config_hash"):
+                raise FormatError(
+                    f"{out}: shards were written with different settings (config_hash {first.attrs.get('config_hash')} "
+                    f"in {first.path.name}, {shard.attrs.get('config_hash')} in {shard.path.name})"
+                )
+        root = dict(first.attrs)
+    elif attrs is not None:
+        root = dict(attrs, format=FORMAT_NAME, format_version=FORMAT_VERSION)
+        store_dtype = root.get("store_dtype")
+        if "dtype" not in root and isinstance(store_dtype, str):
+            root["dtype"] = DTYPE_NAMES.get(store_dtype, "bfloat16")
+    elif out.exists():
+        with open_h5(out) as handle:
+            root = decode_attrs(handle.attrs)
+    else:
+        raise FormatError(f"{out}: nothing to index (no shards in {out.name}.d/)")
+    for name in SHARD_ATTRS:
+        root.pop(name, None)
+    return root
+
+
+def _write_tokens(handle: h5py.File, out: Path, shards: list[_Shard], dtype: str, dim: int, rows: int) -> None:
+    """A virtual dataset over the shards' rows, or an empty real dataset when there are none."""
+    np_dtype = NUMPY_DTYPES[dtype]
+    if rows == 0:
+        tokens = handle.create_dataset("tokens", shape=(0, dim), dtype=np_dtype)
+    else:
+        layout = h5py.VirtualLayout(shape=(rows, dim), dtype=np_dtype)
+        start = 0
+        for shard in shards:
+            if shard.rows:
+                source = h5py.VirtualSource(_relative(shard.path, out), "tokens", shape=(shard.rows, dim), dtype=np_dtype)
+                layout[start : start + shard.rows] = source
+                start += shard.rows
+        tokens = handle.create_virtual_dataset("tokens", layout)
+    tokens.attrs["dtype"] = dtype
+
+
+def _relative(shard: Path, out: Path) -> str:
+    """The shard's path relative to the index's folder, with '/' (HDF5 resolves it from there)."""
+    return Path(os.path.relpath(shard.resolve(), out.resolve().parent)).as_posix()
+
+
+def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if parts:
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return {
+        "keys": np.empty(0, dtype=object),
+        "kind": np.empty(0, dtype="S1"),
+        "decoder": np.empty(0, dtype="S1"),
+        "offsets": np.empty(0, dtype=np.int64),
+        "lengths": np.empty(0, dtype=np.int64),
+        "grid_thw": np.empty((0, 3), dtype=np.int32),
+        "merged_hw": np.empty((0, 2), dtype=np.int32),
+        "orig_hw": np.empty((0, 2), dtype=np.int32),
+        "resized_hw": np.empty((0, 2), dtype=np.int32),
+        "frame_offsets": np.empty(0, dtype=np.int64),
+        "frame_lengths": np.empty(0, dtype=np.int64),
+        "frame_indices": np.empty(0, dtype=np.int64),
+        "frame_times": np.empty(0, dtype=np.float64),
+        "shard": np.empty(0, dtype=np.int32),
+        "shard_offsets": np.empty(0, dtype=np.int64),
+    }
