@@ -114,3 +114,168 @@ def render_extract_summary(summary: dict, console: Console) -> None:
         for failure in summary["failures"]:
             errors.add_row(failure["key"], failure["stage"], failure["error_type"], failure["message"])
         console.print(errors)
+
+
+# -- inspect and index (merge_cli.inspection, merge_cli.index) ------------------------------------
+
+_PROVENANCE = (
+    "tower", "tower_hash", "tower_is_demo", "projector", "projector_hash", "output", "layer", "patch_size",
+    "merge_size", "temporal_patch_size", "compute_dtype", "store_dtype", "compression", "resize_policy",
+    "video_options", "media_options", "config_hash", "merge_cli_version",
+)
+"""Root attributes shown first by inspect, in this order; `settings` is left to --json."""
+_MAX_SHARD_ROWS = 12
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else _bytes(n)
+
+
+def _attr_text(value: object) -> str:
+    import json
+
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value)
+
+
+def render_inspect(report: dict, console: Console) -> None:
+    """Render an `inspection.inspect_features` report: provenance, shards, counts, grids, token
+    statistics, errors, problems, and with --key one sample."""
+    from rich.markup import escape
+
+    counts = report["counts"]
+    console.print(
+        f"[bold]{escape(report['path'])}[/]: merge-cli {report['role']} "
+        f"(format {report['format']} v{report['format_version']}), {report['dtype']} x {report['token_dim']}"
+    )
+
+    attrs = report["attrs"]
+    table = Table(title="provenance", title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name in _PROVENANCE:
+        if name in attrs:
+            table.add_row(name, escape(_attr_text(attrs[name])))
+    if "settings" in attrs:
+        table.add_row("settings", f"{len(attrs['settings'])} hashed settings (see --json)")
+    console.print(table)
+
+    shards = report["shards"]
+    table = Table(title=f"shards ({len(shards)}, {_size(counts['shard_bytes'])})", title_justify="left")
+    for column in ("shard", "size", "samples", "rows", "errors", "status"):
+        table.add_column(column, justify="left" if column in ("shard", "status") else "right")
+    shown = shards if len(shards) <= _MAX_SHARD_ROWS else shards[: _MAX_SHARD_ROWS - 2] + shards[-2:]
+    for i, shard in enumerate(shown):
+        if len(shards) > _MAX_SHARD_ROWS and i == _MAX_SHARD_ROWS - 2:
+            table.add_row(f"... {len(shards) - _MAX_SHARD_ROWS} more", "", "", "", "", "")
+        status = "ok" if shard["exists"] else "[red]missing[/]"
+        table.add_row(
+            escape(shard["name"]), _size(shard["bytes"]), f"{shard['samples']:,}", f"{shard['rows']:,}",
+            f"{shard['errors']:,}", status,
+        )
+    console.print(table)
+
+    console.print(
+        f"[bold]samples[/] {counts['samples']:,} ({counts['images']:,} images, {counts['videos']:,} videos, "
+        f"{counts['frames']:,} frames)  [bold]tokens[/] {counts['tokens']:,}  [bold]errors[/] {counts['errors']:,}"
+    )
+
+    if report["grids"]:
+        table = Table(title="most common grids", title_justify="left")
+        for column in ("grid t x h x w", "merged h x w", "tokens", "samples", "share"):
+            table.add_column(column, justify="right")
+        for grid in report["grids"]:
+            t, h, w = grid["grid_thw"]
+            table.add_row(
+                f"{t} x {h} x {w}", _hw(grid["merged_hw"]), f"{grid['tokens']:,}", f"{grid['count']:,}",
+                f"{grid['share']:.1%}",
+            )
+        console.print(table)
+
+    stats = report["token_stats"]
+    if stats:
+        console.print(
+            f"[bold]tokens per sample[/] min {stats['min']:,}  median {stats['median']:,.0f}  "
+            f"mean {stats['mean']:,.1f}  max {stats['max']:,}"
+        )
+        peak = max(b["count"] for b in stats["histogram"]) or 1
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(justify="right")
+        table.add_column()
+        table.add_column(justify="right")
+        for bucket in stats["histogram"]:
+            span = str(bucket["from"]) if bucket["from"] == bucket["to"] else f"{bucket['from']}-{bucket['to']}"
+            table.add_row(span, "#" * max(1 if bucket["count"] else 0, round(30 * bucket["count"] / peak)),
+                          f"{bucket['count']:,}")
+        console.print(table)
+
+    if report["errors"]:
+        shown = len(report["errors"])
+        title = f"errors ({counts['errors']:,}" + (f", first {shown})" if shown < counts["errors"] else ")")
+        table = Table(title=title, title_justify="left")
+        for column in ("key", "stage", "type", "message"):
+            table.add_column(column, overflow="fold")
+        for error in report["errors"]:
+            table.add_row(escape(error["key"]), error["stage"], escape(error["type"]), escape(error["message"]))
+        console.print(table)
+
+    if report.get("sample"):
+        _render_sample(report["sample"], console)
+
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if report["problems"]:
+        for problem in report["problems"]:
+            console.print(f"[bold red]problem:[/] {escape(problem)}")
+    else:
+        checked = " (values checked: no NaN/Inf)" if report.get("checked") else ""
+        console.print(f"[green]no integrity problems found[/]{checked}")
+
+
+def _render_sample(sample: dict, console: Console) -> None:
+    from rich.markup import escape
+
+    table = Table(title=f"sample {escape(sample['key'])}", title_justify="left", show_header=False, box=None,
+                  pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    t, h, w = sample["grid_thw"]
+    table.add_row("kind", sample["kind"])
+    table.add_row("grid t x h x w", f"{t} x {h} x {w} -> merged {_hw(sample['merged_hw'])}")
+    table.add_row("tokens", f"{tuple(sample['shape'])} {sample['dtype']}")
+    table.add_row("original size", f"{_hw(sample['orig_hw'])} (HxW)")
+    table.add_row("resized to", f"{_hw(sample['resized_hw'])} (HxW)")
+    table.add_row("decoder", sample["decoder"])
+    if sample["frame_indices"]:
+        times = ", ".join(f"{x:.2f}" for x in sample["frame_times"])
+        table.add_row("frames", ", ".join(str(i) for i in sample["frame_indices"]))
+        table.add_row("frame times (s)", times)
+    table.add_row("stored at", f"{escape(sample['shard'])}, row {sample['offset']:,} (index {sample['index']:,})")
+    stats = sample["stats"]
+    if stats["mean"] is None:
+        table.add_row("values", "no finite values")
+    else:
+        table.add_row(
+            "values",
+            f"mean {stats['mean']:.4g}  std {stats['std']:.4g}  min {stats['min']:.4g}  max {stats['max']:.4g}",
+        )
+    if stats["nan"] or stats["inf"]:
+        table.add_row("non-finite", f"[red]{stats['nan']:,} NaN, {stats['inf']:,} Inf[/]")
+    console.print(table)
+
+
+def render_index_summary(summary: dict, console: Console) -> None:
+    """Render the summary `store.build_index` returns."""
+    from rich.markup import escape
+
+    console.print(
+        f"[bold]{escape(summary['output'])}[/]: {summary['samples']:,} samples, {summary['tokens']:,} tokens "
+        f"({summary['dtype']} x {summary['token_dim']}) from {summary['shards']:,} shards "
+        f"({_size(summary['shard_bytes'])}); {summary['errors']:,} errors"
+    )
+    if summary.get("duplicates"):
+        console.print(
+            f"[yellow]note:[/] {summary['duplicates']:,} samples stored twice across shards were ignored "
+            "(the first copy is used)"
+        )

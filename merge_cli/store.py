@@ -60,6 +60,8 @@ SAMPLE_OVERHEAD_BYTES = 256
 
 STRING = h5py.string_dtype("utf-8")
 
+JSON_ATTRS = ("resize_policy", "video_options", "media_options", "settings")
+"""Attributes that hold JSON text by contract (given as text or as dicts); readers decode them."""
 SHARD_ATTRS = ("role", "shard_rank", "shard_sequence")
 """Root attributes that describe one shard file and are not copied into the index."""
 ERROR_FIELDS = ("key", "stage", "type", "message")
@@ -108,7 +110,8 @@ def list_temporaries(out: Path) -> list[Path]:
 
 
 def encode_attrs(attrs: Mapping[str, object]) -> dict[str, Any]:
-    """HDF5-storable attribute values: dicts, lists and None become JSON text, listed in `json_attrs`."""
+    """HDF5-storable attribute values. Dicts, lists and None become JSON text; the names of all
+    JSON-text attributes (those, and JSON_ATTRS given as JSON text) are listed in `json_attrs`."""
     encoded: dict[str, Any] = {}
     json_names = []
     for name, value in attrs.items():
@@ -116,6 +119,9 @@ def encode_attrs(attrs: Mapping[str, object]) -> dict[str, Any]:
             continue
         if isinstance(value, (dict, list, tuple)) or value is None:
             encoded[name] = json.dumps(value, sort_keys=True)
+            json_names.append(name)
+        elif isinstance(value, str) and name in JSON_ATTRS and _is_json(value):
+            encoded[name] = value
             json_names.append(name)
         elif isinstance(value, (bool, np.bool_)):
             encoded[name] = np.bool_(value)
@@ -129,17 +135,27 @@ def encode_attrs(attrs: Mapping[str, object]) -> dict[str, Any]:
     return encoded
 
 
-def decode_attrs(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Root attributes as plain Python values, JSON attributes decoded (the inverse of encode_attrs)."""
+def decode_attrs(raw: Mapping[str, Any], *, parse_json: bool = True) -> dict[str, Any]:
+    """Root attributes as plain Python values; with `parse_json` the JSON-text ones decoded (the
+    inverse of encode_attrs), else left as the JSON text they were given as."""
     values = {name: _plain(value) for name, value in raw.items()}
     try:
         json_names = json.loads(values.pop("json_attrs", "[]"))
-        for name in json_names:
-            if name in values:
-                values[name] = json.loads(values[name])
+        if parse_json:
+            for name in json_names:
+                if name in values:
+                    values[name] = json.loads(values[name])
     except (TypeError, ValueError) as error:
         raise FormatError(f"damaged attributes: {error}") from error
     return values
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _plain(value: Any) -> Any:
@@ -713,7 +729,8 @@ class ExistingOutput:
     """What an earlier run left behind, for resuming."""
 
     attrs: dict
-    """Root attributes of the existing output (from its first shard, else the index), JSON decoded."""
+    """Root attributes of the existing output (from its first shard, else the index), as stored:
+    JSON attributes (settings, resize_policy, ...) stay JSON text, the form the pipeline writes."""
     done_keys: set[str]
     """Keys with stored features in complete shards."""
     failed_keys: set[str]
@@ -735,7 +752,7 @@ def scan_existing(out: Path) -> ExistingOutput | None:
     index_attrs: dict | None = None
     if out.exists():
         with open_h5(out) as handle:
-            index_attrs = decode_attrs(handle.attrs)
+            index_attrs = decode_attrs(handle.attrs, parse_json=False)
     if not shards and index_attrs is None:
         return None
     done: set[str] = set()
@@ -744,7 +761,7 @@ def scan_existing(out: Path) -> ExistingOutput | None:
     for path in shards:
         try:
             with open_h5(path) as handle:
-                shard_attrs = decode_attrs(handle.attrs)
+                shard_attrs = decode_attrs(handle.attrs, parse_json=False)
                 done.update(read_strings(handle["keys"]))
                 errored.update(read_strings(handle["errors/key"]))
         except KeyError as error:

@@ -10,7 +10,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def attrs(**overrides: object) -> dict:
-    """Root attributes shaped like the pipeline's."""
+    """Root attributes shaped like the pipeline's (JSON-valued ones as JSON text, as it passes them)."""
     base = {
         "merge_cli_version": "0.1.0",
         "tower": "demo-vit",
@@ -25,11 +25,11 @@ def attrs(**overrides: object) -> dict:
         "temporal_patch_size": 1,
         "compute_dtype": "fp32",
         "store_dtype": "bf16",
-        "resize_policy": {"kind": "smart", "min_pixels": 3136, "max_pixels": 1003520},
-        "video_options": {"fps": 2.0, "max_frames": 32},
-        "media_options": {"fast_decode": False},
+        "resize_policy": '{"kind": "smart", "max_pixels": 1003520, "min_pixels": 3136}',
+        "video_options": '{"fps": 2.0, "max_frames": 32}',
+        "media_options": '{"fast_decode": false}',
         "config_hash": "cafebabe12345678",
-        "settings": {"layer": -1, "output": "merged", "store_dtype": "bf16"},
+        "settings": '{"layer": -1, "output": "merged", "store_dtype": "bf16"}',
     }
     base.update(overrides)
     return base

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -135,7 +136,7 @@ def test_resumed_run_adds_shards_without_overwriting(tmp_path):
     assert existing is not None
     assert existing.done_keys == set(first) and existing.failed_keys == set()
     assert existing.attrs["config_hash"] == attrs()["config_hash"]
-    assert existing.attrs["settings"] == attrs()["settings"]  # JSON attributes come back decoded
+    assert existing.attrs["settings"] == attrs()["settings"]  # as stored: JSON text, as the pipeline passes it
     second = {f"b{i}": features(f"b{i}") for i in range(4)}
     writer = write(out, second.values())
     third = {"c0": features("c0")}
@@ -325,10 +326,22 @@ def test_attrs_are_written_everywhere_and_decoded(tmp_path):
             decoded = decode_attrs(handle.attrs)
         assert raw["format"] == "merge-cli-features" and raw["format_version"] == 1
         assert isinstance(raw["resize_policy"], str)  # JSON text on disk
-        assert decoded["resize_policy"] == attrs()["resize_policy"]
+        assert decoded["resize_policy"] == json.loads(attrs()["resize_policy"])
+        assert decoded["settings"]["layer"] == -1
         assert decoded["tower_is_demo"] is True and decoded["layer"] == -1
         assert decoded["dtype"] == "bfloat16" and decoded["token_dim"] == 32
     assert decode_attrs(h5py.File(out).attrs)["role"] == "index"
+
+
+def test_dict_attributes_are_stored_as_json(tmp_path):
+    out = tmp_path / "feats.h5"
+    given = attrs(settings={"layer": -2}, extra=[1, 2], projector_eps=None)
+    with ShardWriter(out, given) as writer:
+        writer.add(features("a.jpg"))
+    with open_features(writer.shard_paths[0]) as shard:
+        assert shard.attrs["settings"] == {"layer": -2} and shard.attrs["extra"] == [1, 2]
+        assert shard.attrs["projector_eps"] is None
+    assert json.loads(scan_existing(out).attrs["settings"]) == {"layer": -2}
 
 
 def test_mixed_settings_are_refused(tmp_path):
