@@ -1,0 +1,168 @@
+"""What every tower loader shares: the folder's JSON files, the layer index, the weight check, the hash.
+
+Private to `merge_cli.towers`; no transformers here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_cli.checkpoints import read_tensors
+from merge_cli.errors import CheckpointError, UsageError
+from merge_cli.hashing import hash_json, hash_state_dict
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`, or one clear CheckpointError saying why it is unusable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CheckpointError(f"cannot read {what} {path}: {error.strerror or error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{what} {path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} does not hold a JSON object")
+    return data
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """`config.json` of a Hugging Face-style model folder, which must name its `model_type`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no config.json: --tower takes 'demo' or a Hugging Face-style model folder "
+            f"(config.json plus *.safetensors weights)"
+        )
+    config = read_json(path, "model config")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise CheckpointError(f"{path} does not say which model it is (no \"model_type\")")
+    return config
+
+
+def read_normalization(folder: Path, default: Normalization) -> Normalization:
+    """Image mean and std from the folder's `preprocessor_config.json`, else the tower's default.
+
+    A preprocessor that says `"do_normalize": false` means no normalization (mean 0, std 1).
+    """
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return default
+    config = read_json(path, "preprocessor config")
+    if config.get("do_normalize") is False:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    mean = _three_floats(config.get("image_mean", default[0]), "image_mean", path)
+    std = _three_floats(config.get("image_std", default[1]), "image_std", path)
+    if min(std) <= 0:
+        raise CheckpointError(f"{path}: image_std must be positive; got {list(std)}")
+    return mean, std
+
+
+def _three_floats(value: Any, key: str, path: Path) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3  # some processors give one value for all channels
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
+        raise CheckpointError(f"{path}: {key} must be three numbers; got {value!r}")
+    return float(value[0]), float(value[1]), float(value[2])
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """The hidden-state index `layer` selects, counted from the embeddings (0) to the last block.
+
+    Transformers convention: `hidden_states` has num_layers + 1 entries, so -1 is the last block's
+    output and -(num_layers + 1) the embeddings.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise UsageError(f"--layer must be an integer; got {layer!r}")
+    if not -(num_layers + 1) <= layer <= num_layers:
+        raise UsageError(
+            f"--layer {layer} is out of range for a tower with {num_layers} layers: "
+            f"use 0..{num_layers} or -1..-{num_layers + 1} (-1 is the last layer, 0 the embeddings)"
+        )
+    return layer % (num_layers + 1)
+
+
+def read_prefixed_tensors(folder: Path, prefixes: Iterable[str], wanted: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the first of `prefixes` that holds any `wanted` name, prefix removed.
+
+    Only tensors under `prefixes` are read (a full VLM checkpoint may hold many GB of language-model
+    weights); an empty prefix stands for "the whole checkpoint".
+    """
+    prefixes = tuple(prefixes)
+    wanted = set(wanted)
+    tensors = read_tensors(folder, keep=lambda name: name.startswith(prefixes))
+    for prefix in prefixes:
+        chosen = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if chosen.keys() & wanted:
+            return chosen
+    expected = " or ".join(repr(p) for p in prefixes if p) or "the model's own names"
+    example = min(wanted) if wanted else "?"
+    raise CheckpointError(
+        f"{folder}: none of its weights belong to this model (looked for names like {example!r} "
+        f"under {expected})"
+    )
+
+
+def check_tensors(
+    got: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    where: str,
+    ignorable: Iterable[str] = (),
+) -> None:
+    """Refuse missing, unexpected, mis-shaped or non-float tensors in one message naming them.
+
+    `ignorable` names tensors (or name prefixes ending in '.') a checkpoint may hold that do not
+    matter for feature extraction (a pooling head, a post-norm, a saved buffer).
+    """
+    ignorable = tuple(ignorable)
+
+    def ignored(name: str) -> bool:
+        return any(name == i or (i.endswith(".") and name.startswith(i)) for i in ignorable)
+
+    missing = sorted(name for name in expected if name not in got)
+    unexpected = sorted(name for name in got if name not in expected and not ignored(name))
+    misshaped = [
+        f"{name} {tuple(got[name].shape)} (expected {tuple(shape)})"
+        for name, shape in sorted(expected.items())
+        if name in got and tuple(got[name].shape) != tuple(shape)
+    ]
+    not_float = sorted(name for name in expected if name in got and not got[name].is_floating_point())
+    problems = []
+    if missing:
+        problems.append("missing " + some_names(missing))
+    if unexpected:
+        problems.append("unexpected " + some_names(unexpected))
+    if misshaped:
+        problems.append("mis-shaped " + some_names(misshaped))
+    if not_float:
+        problems.append("not floating point " + some_names(not_float))
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match the config: {'; '.join(problems)}")
+
+
+def some_names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def tower_hash(kind: str, state: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> str:
+    """Content hash of a tower: its weights as stored plus every setting that changes its features."""
+    return hash_json({"kind": kind, "weights": hash_state_dict(state), "settings": dict(settings)})
