@@ -58,12 +58,12 @@ def fail(message: str, code: int, json_output: bool = False) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run_core(call: Callable[[], T], json_output: bool = False) -> T:
-    """Run a core function; turn the project's exceptions into their exit codes."""
+def run_core(call: Callable[[], T], json_output: bool = False, exit_code: int | None = None) -> T:
+    """Run a core function; turn the project's exceptions into their exit codes (or `exit_code`)."""
     try:
         return call()
     except MergeCliError as error:
-        fail(str(error), error.exit_code, json_output)
+        fail(str(error), error.exit_code if exit_code is None else exit_code, json_output)
 
 
 def print_json(data: Any) -> None:
@@ -286,13 +286,14 @@ def extract_command(
     """Extract merged vision features from images and videos into HDF5 shards.
 
     Exit 0 when every input was written, 3 when some failed (their error records are in the
-    output), 1 when the run could not start, 2 for unusable options, 130 when interrupted.
+    output), 1 when the run could not start (bad option values, missing tower, other settings
+    than the existing output), 2 for command-line syntax errors, 130 when interrupted.
     """
     from merge_cli.config import ExtractConfig, VideoOptions, parse_byte_size
     from merge_cli.grid import parse_hw
 
     if resume and overwrite:
-        fail("give either --resume or --overwrite, not both", 2, json_output)
+        fail("give either --resume or --overwrite, not both", 1, json_output)
 
     def build() -> ExtractConfig:
         video = VideoOptions(
@@ -314,8 +315,9 @@ def extract_command(
             strict=strict, rank=rank, world_size=world_size,
         )
 
-    config = run_core(build, json_output)
-    summary = run_core(lambda: _run_extract(config, json_output), json_output)
+    # Any problem before the first sample is processed means the run could not start: exit 1.
+    config = run_core(build, json_output, exit_code=1)
+    summary = run_core(lambda: _run_extract(config, json_output), json_output, exit_code=1)
     if json_output:
         print_json(summary.to_dict())
     elif summary.world_size == 1 or _is_main_rank():
