@@ -305,7 +305,8 @@ class ShardWriter:
     in memory and written when the shard is closed, after which the shard is renamed from
     `*.h5.tmp` to `*.h5`. A sample larger than `shard_bytes` gets a shard of its own. Nothing is
     created until the first record arrives. Used as a context manager, the open shard is committed
-    on exit, also when the block raised (every sample that `add` accepted is whole).
+    on exit, also when the block raised (every sample that `add` accepted is whole), unless
+    writing the file itself failed (see `close`).
     """
 
     def __init__(
@@ -387,11 +388,16 @@ class ShardWriter:
         self.failures_written += 1
 
     def close(self) -> None:
-        """Finish the open shard (close the file, then rename it into place). Idempotent."""
+        """Finish the open shard (close the file, then rename it into place). Idempotent.
+
+        A shard whose file write failed (disk full, I/O error) is deleted instead: its samples are
+        not in any complete shard, so a resumed run computes them again."""
         if self._closed:
             return
         self._closed = True
-        if self._shard is not None:
+        if self._shard is not None and self._shard.broken:
+            self.abort()
+        elif self._shard is not None:
             self._commit()
 
     def abort(self) -> None:
@@ -407,16 +413,15 @@ class ShardWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._shard is not None and self._shard.broken:
-            self.abort()
-        else:
-            self.close()
+        self.close()
 
     # -- internals ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
+        if self._shard is not None and self._shard.broken:
+            raise RuntimeError(f"writing {self._shard.tmp} failed earlier; this writer can only be closed")
 
     def _first_free_sequence(self) -> int:
         """Never reuse a name: one past the highest sequence of this rank, complete or temporary."""

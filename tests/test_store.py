@@ -22,6 +22,7 @@ from merge_cli.errors import FormatError, UsageError
 from merge_cli.reader import open_features
 from merge_cli.store import (
     ShardWriter,
+    _OpenShard,
     build_index,
     decode_attrs,
     list_shards,
@@ -296,6 +297,24 @@ def test_exception_in_block_still_commits_whole_samples(tmp_path):
             raise RuntimeError("the pipeline broke")
     build_index(out)
     assert_same({"kept.jpg": kept}, out)
+
+
+def test_a_failed_file_write_discards_the_shard(tmp_path, monkeypatch):
+    out = tmp_path / "feats.h5"
+    committed = write(out, [features("a.jpg")]).shard_paths
+    writer = ShardWriter(out, attrs(), shard_bytes=200_000)  # chunks of 390 rows of 64 B
+    writer.add(features("x.jpg", grid=(1, 2, 2)))
+
+    def disk_full(self, block):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_OpenShard, "_write", disk_full)
+    with pytest.raises(OSError):
+        writer.add(features("big.jpg", grid=(1, 40, 40)))  # 400 rows: fills a chunk, which is written
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        writer.add(features("y.jpg"))
+    writer.close()
+    assert list_shards(out) == committed and not list(shard_dir(out).glob("*.tmp"))
 
 
 def test_bad_records_are_refused_before_writing(tmp_path):
