@@ -1,0 +1,199 @@
+"""What the Hugging Face towers share: importing transformers lazily, and loading weights strictly.
+
+Two ways to load, both refusing missing, mis-shaped or unexpected tower weights by name (where
+`from_pretrained` alone would fill a missing weight with random values after only a warning):
+
+- `load_pretrained`: transformers' own `from_pretrained`, which knows each model's checkpoint key
+  conversions (DINOv2's attention names, the `vision_model.` prefix of CLIP and SigLIP, ...);
+  its loading report is checked. Used for image towers, whose checkpoints are small.
+- `build_model`: the model built from its config and the tensors read by merge-cli, only those
+  under the tower's prefix. Used for the Qwen vision encoders, whose full VLM checkpoints hold many
+  GB of language model that `from_pretrained` of the vision class would read and then miss the
+  tower (its weights live under `visual.`).
+
+Remote code is run only for the remote tower, and only when the user asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge_cli.errors import CheckpointError
+from merge_cli.towers import Tower
+from merge_cli.towers._common import check_tensors, some_names, read_prefixed_tensors, tower_hash
+
+# config.json keys that say nothing about the function the model computes.
+_NOT_FUNCTION_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "auto_map", "use_cache"}
+)
+
+
+def require_transformers(folder: Path, model_type: str) -> Any:
+    """The `transformers` module, or a CheckpointError saying how to install it."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise CheckpointError(
+            f"{folder}: model_type {model_type!r} is a Hugging Face tower and needs transformers: "
+            f"pip install 'merge-cli[hf]'"
+        ) from error
+    return transformers
+
+
+def read_hf_config(folder: Path, model_type: str, trust_remote_code: bool = False) -> Any:
+    """The folder's config as a transformers config object (never running remote code here)."""
+    transformers = require_transformers(folder, model_type)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers raises ValueError, KeyError, OSError, ... for bad configs
+        raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it: {error}") from error
+
+
+def sub_config(config: Any, config_class: type, folder: Path) -> Any:
+    """`config` itself if it is a `config_class`, else its `vision_config` (a full CLIP/SigLIP/VLM config)."""
+    if isinstance(config, config_class):
+        return config
+    vision = getattr(config, "vision_config", None)
+    if isinstance(vision, config_class):
+        return vision
+    raise CheckpointError(f"{folder / 'config.json'}: expected a {config_class.__name__} or a config with one as vision_config")
+
+
+def load_pretrained(
+    model_class: type,
+    folder: Path,
+    foreign: tuple[str, ...] = (),
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """`model_class.from_pretrained(folder)` in fp32 on CPU, offline, refusing an incomplete tower.
+
+    `trust_remote_code` is passed on only for the remote tower, where the user asked for it.
+    `foreign` names prefixes of checkpoint tensors that belong to other parts of a composite model
+    (a text tower, a classifier) and may be left unused; any other unused or missing tensor, or a
+    mis-shaped one, is a CheckpointError naming them.
+    """
+    import transformers
+
+    verbosity, progress = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # the loading report is checked below, not printed
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = model_class.from_pretrained(
+            str(folder),
+            **{_dtype_argument(transformers.__version__): torch.float32},
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{folder}: cannot load its weights into {model_class.__name__}: {first_line}") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if progress:
+            transformers.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys", ()))
+    unexpected = sorted(
+        name
+        for name in info.get("unexpected_keys", ())
+        if not name.startswith(foreign) and not name.endswith("position_ids")  # saved buffers of old checkpoints
+    )
+    mismatched = [f"{entry[0]} {tuple(entry[1])} (expected {tuple(entry[2])})" for entry in info.get("mismatched_keys", ())]
+    problems = []
+    if missing:
+        problems.append("missing " + some_names(missing))
+    if unexpected:
+        problems.append("unexpected " + some_names(unexpected))
+    if mismatched:
+        problems.append("mis-shaped " + some_names(mismatched))
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not match the config: {'; '.join(problems)}")
+    return model.to(torch.float32).eval()
+
+
+def _dtype_argument(version: str) -> str:
+    """`from_pretrained` takes `dtype` since transformers 4.56, `torch_dtype` before."""
+    from packaging.version import Version
+
+    return "dtype" if Version(version) >= Version("4.56") else "torch_dtype"
+
+
+def build_model(
+    model_class: type,
+    config: Any,
+    folder: Path,
+    prefixes: Iterable[str],
+    ignorable: Iterable[str] = (),
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """`model_class(config)` in fp32 on CPU with the folder's weights; also returns the tensors as stored.
+
+    The checkpoint's tensors under the first matching prefix must match the model's state dict
+    exactly (tensors named in `ignorable`, or saved non-persistent buffers, excepted).
+    """
+    try:
+        model = model_class(config)
+    except Exception as error:  # a config transformers accepts but cannot build
+        raise CheckpointError(f"{folder / 'config.json'}: cannot build {model_class.__name__}: {error}") from error
+    model = model.to(torch.float32).eval()
+    names = list(model.state_dict())
+    # transformers 4.x nests some vision models one level deeper (`vision_model.`) than 5.x does.
+    nested = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    model_prefix = nested if nested and all(name.startswith(nested) for name in names) else ""
+    expected = {name[len(model_prefix):]: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = read_prefixed_tensors(folder, prefixes, expected)
+    saved_buffers = [name[len(model_prefix):] for name, _ in model.named_buffers() if name not in names]
+    check_tensors(state, expected, str(folder), ignorable=[*ignorable, *saved_buffers])
+    model.load_state_dict({model_prefix + name: state[name].to(torch.float32) for name in expected}, strict=True)
+    return model, {name: state[name] for name in expected}
+
+
+def hf_tower_hash(kind: str, state: dict[str, torch.Tensor], raw_config: dict, tower: Tower, layer_index: int) -> str:
+    """Weights (all of the tower's, before unused blocks are dropped), the config's function-defining
+    keys, the layer and the normalization."""
+    settings = {
+        "config": {k: v for k, v in raw_config.items() if k not in _NOT_FUNCTION_KEYS},
+        "layer": layer_index,
+        "image_mean": list(tower.image_mean),
+        "image_std": list(tower.image_std),
+    }
+    return tower_hash(kind, state, settings)
+
+
+def keep_blocks(blocks: torch.nn.ModuleList, count: int) -> None:
+    """Drop the blocks after the first `count`: the selected hidden state never needs them."""
+    del blocks[count:]
+
+
+class ImageTower(Tower):
+    """An image encoder run frame by frame: all frames of one size form one batch.
+
+    A video's frames are encoded independently and concatenated in (t, h, w) order. Subclasses
+    implement `encode_frames` (F, 3, H, W) -> (F, prefix_tokens + h*w, C), patch tokens raster.
+    """
+
+    prefix_tokens: int = 0
+    """Tokens before the patch grid (CLS, registers), dropped."""
+
+    def forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        grids = self._check_pixels(pixels)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(pixels):
+            by_size.setdefault((int(sample.shape[2]), int(sample.shape[3])), []).append(index)
+        features: list[torch.Tensor] = [None] * len(pixels)  # type: ignore[list-item]
+        for members in by_size.values():
+            frames = torch.cat([pixels[i] for i in members]) if len(members) > 1 else pixels[members[0]]
+            tokens = self.encode_frames(frames)[:, self.prefix_tokens:]  # (F, h*w, C)
+            pieces = tokens.split([grids[i][0] for i in members])
+            for index, piece in zip(members, pieces):
+                t, h, w = grids[index]
+                if piece.shape[1] != h * w:
+                    raise RuntimeError(f"{self.name} returned {piece.shape[1]} patch tokens for a {h}x{w} grid")
+                features[index] = piece.reshape(t * h * w, piece.shape[-1])
+        return features
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,57 @@
+"""CLIP vision tower (model_type "clip" or "clip_vision_model").
+
+Runs `CLIPVisionModel` with `interpolate_pos_encoding=True` (bicubic position embeddings at sizes
+other than the native one) and drops the CLS token, so the output is the h*w patch grid. The
+hidden state is the one `--layer` selects; CLIP's `post_layernorm` only ever touches the CLS token.
+Frames of a video are encoded independently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, resolve_layer
+from merge_cli.towers._hf import (
+    ImageTower,
+    hf_tower_hash,
+    keep_blocks,
+    load_pretrained,
+    read_hf_config,
+    require_transformers,
+    sub_config,
+)
+
+# Tensors of a full CLIP checkpoint that are not the vision tower's.
+FOREIGN = ("text_model.", "logit_scale", "visual_projection.", "text_projection.")
+
+
+class ClipTower(ImageTower):
+    kind = "clip"
+    prefix_tokens = 1  # CLS
+
+    def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
+        super().__init__()
+        self.name = f"clip:{folder.name}"
+        self.patch_size = int(config.patch_size)
+        self.hidden_size = int(config.hidden_size)
+        self.image_mean, self.image_std = read_normalization(folder, (CLIP_MEAN, CLIP_STD))
+        self.layer = layer
+        self.num_layers = int(config.num_hidden_layers)
+        blocks = resolve_layer(layer, self.num_layers)
+        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        vision = getattr(model, "vision_model", model)  # transformers 4.x nests it one level deeper
+        keep_blocks(vision.encoder.layers, blocks)
+        self.model = model
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=frames, interpolate_pos_encoding=True).last_hidden_state
+
+
+def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> ClipTower:
+    transformers = require_transformers(folder, config["model_type"])
+    vision_config = sub_config(read_hf_config(folder, config["model_type"]), transformers.CLIPVisionConfig, folder)
+    resolve_layer(layer, vision_config.num_hidden_layers)
+    model = load_pretrained(transformers.CLIPVisionModel, folder, foreign=FOREIGN)
+    return ClipTower(model, model.config, folder, layer, config, model.state_dict()).eval()

@@ -1,0 +1,60 @@
+"""DINOv2 tower, with or without registers (model_type "dinov2" or "dinov2_with_registers").
+
+The CLS token and any register tokens are dropped, so the output is the h*w patch grid; the
+hidden state is the one `--layer` selects, before the final `layernorm`. DINOv2 interpolates its
+position embeddings for every input size (bicubic, in fp32). Frames of a video are encoded
+independently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merge_cli.towers._common import IMAGENET_MEAN, IMAGENET_STD, read_normalization, resolve_layer
+from merge_cli.towers._hf import (
+    ImageTower,
+    hf_tower_hash,
+    keep_blocks,
+    load_pretrained,
+    read_hf_config,
+    require_transformers,
+)
+
+# Tensors of a classification checkpoint that are not the backbone's.
+FOREIGN = ("classifier.",)
+
+
+class Dinov2Tower(ImageTower):
+    kind = "dinov2"
+
+    def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
+        super().__init__()
+        self.name = f"dinov2:{folder.name}"
+        self.patch_size = int(config.patch_size)
+        self.hidden_size = int(config.hidden_size)
+        self.prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0))  # CLS + registers
+        self.image_mean, self.image_std = read_normalization(folder, (IMAGENET_MEAN, IMAGENET_STD))
+        self.layer = layer
+        self.num_layers = int(config.num_hidden_layers)
+        blocks = resolve_layer(layer, self.num_layers)
+        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        keep_blocks(model.encoder.layer, blocks)
+        model.layernorm = torch.nn.Identity()  # features are taken before the final norm
+        self.model = model
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=frames).last_hidden_state
+
+
+def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> Dinov2Tower:
+    transformers = require_transformers(folder, config["model_type"])
+    hf_config = read_hf_config(folder, config["model_type"])
+    resolve_layer(layer, hf_config.num_hidden_layers)
+    if config["model_type"] == "dinov2_with_registers":
+        model_class = transformers.Dinov2WithRegistersModel
+    else:
+        model_class = transformers.Dinov2Model
+    model = load_pretrained(model_class, folder, foreign=FOREIGN)
+    return Dinov2Tower(model, model.config, folder, layer, config, model.state_dict()).eval()

@@ -1,0 +1,73 @@
+"""SigLIP2 NaFlex vision tower (model_type "siglip2" or "siglip2_vision_model").
+
+NaFlex takes each image at its own resolution: pixels are cut into patches flattened in the
+order its image processor uses, `(h, w, p, p, C)`, and its position embeddings are resized to
+every (h, w) grid by the model. Patch tokens come out in raster order, no CLS token; the hidden
+state is the one `--layer` selects, before `post_layernorm`. Frames of a video are encoded
+independently. (Fixed-resolution SigLIP2 checkpoints have model_type "siglip": see siglip.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merge_cli.towers._common import SIGLIP_MEAN, SIGLIP_STD, read_normalization, resolve_layer
+from merge_cli.towers._hf import (
+    ImageTower,
+    hf_tower_hash,
+    keep_blocks,
+    load_pretrained,
+    read_hf_config,
+    require_transformers,
+    sub_config,
+)
+
+# Tensors of a full SigLIP2 checkpoint that are not the vision tower's.
+FOREIGN = ("text_model.", "logit_scale", "logit_bias")
+
+
+def naflex_patches(frames: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(F, C, H, W) -> (F, h*w, p*p*C): patches in raster order, each flattened as (p, p, C)."""
+    count, channels, height, width = frames.shape
+    p = patch_size
+    patches = frames.reshape(count, channels, height // p, p, width // p, p)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(count, (height // p) * (width // p), p * p * channels)
+
+
+class Siglip2Tower(ImageTower):
+    kind = "siglip2"
+    prefix_tokens = 0
+
+    def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
+        super().__init__()
+        self.name = f"siglip2:{folder.name}"
+        self.patch_size = int(config.patch_size)
+        self.hidden_size = int(config.hidden_size)
+        self.image_mean, self.image_std = read_normalization(folder, (SIGLIP_MEAN, SIGLIP_STD))
+        self.layer = layer
+        self.num_layers = int(config.num_hidden_layers)
+        blocks = resolve_layer(layer, self.num_layers)
+        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        vision = getattr(model, "vision_model", model)  # transformers 4.x nests it one level deeper
+        keep_blocks(vision.encoder.layers, blocks)
+        vision.post_layernorm = torch.nn.Identity()  # features are taken before the post-norm
+        vision.use_head = False
+        del vision.head
+        self.model = model
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        count, _, height, width = frames.shape
+        patches = naflex_patches(frames, self.patch_size)  # (F, h*w, p*p*3)
+        shapes = torch.tensor([[height // self.patch_size, width // self.patch_size]] * count, device=frames.device)
+        mask = torch.ones(patches.shape[:2], dtype=torch.int32, device=frames.device)  # no padding
+        return self.model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+
+def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> Siglip2Tower:
+    transformers = require_transformers(folder, config["model_type"])
+    vision_config = sub_config(read_hf_config(folder, config["model_type"]), transformers.Siglip2VisionConfig, folder)
+    resolve_layer(layer, vision_config.num_hidden_layers)
+    model = load_pretrained(transformers.Siglip2VisionModel, folder, foreign=FOREIGN)
+    return Siglip2Tower(model, model.config, folder, layer, config, model.state_dict()).eval()
