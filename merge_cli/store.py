@@ -636,8 +636,9 @@ class _OpenShard:
         except BaseException:
             self.discard()
             raise
+        _fsync(self.tmp)
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        _fsync(self.final.parent)
         return self.final
 
     def discard(self) -> None:
@@ -655,10 +656,11 @@ def _meta_bytes(meta: _SampleRows) -> int:
     return SAMPLE_OVERHEAD_BYTES + text + 16 * len(meta.frame_indices)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a folder)."""
+def _fsync(path: Path) -> None:
+    """Flush a file's data (before its rename) or a folder's entries (after it) to disk. Best
+    effort: not every platform can open a folder."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
