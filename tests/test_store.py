@@ -97,7 +97,8 @@ def test_bf16_special_values_survive(tmp_path):
 
 def test_small_shard_size_gives_several_shards_read_as_one(tmp_path):
     out = tmp_path / "feats.h5"
-    records = {f"k{i:03d}": features(f"k{i:03d}", dim=64) for i in range(60)}
+    grids = [(1 + i % 3, 2 * (1 + i % 4), 2 * (1 + i // 4 % 4)) for i in range(60)]  # ~100 KB of rows
+    records = {f"k{i:03d}": features(f"k{i:03d}", dim=64, grid=grid) for i, grid in enumerate(grids)}
     limit = 48_000
     writer = write(out, records.values(), shard_bytes=limit)
     shards = list_shards(out)
