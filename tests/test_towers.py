@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from merge_cli.errors import CheckpointError, GridError, UsageError
 from merge_cli.hashing import hash_state_dict
@@ -212,6 +214,7 @@ def test_loads_and_matches_reference_on_images_and_videos(checkpoint):
     assert (tower.kind, tower.name, tower.is_demo) == ("onevision", "onevision_encoder:ov-tiny", False)
     assert (tower.patch_size, tower.hidden_size, tower.temporal_patch_size) == (14, 64, 1)
     assert (tower.image_mean, tower.image_std) == (CLIP_MEAN, CLIP_STD)
+    assert not any(p.is_meta for p in tower.parameters())
     samples = [pixels(1, 28, 56), pixels(3, 42, 28), pixels(1, 56, 14), pixels(2, 28, 56), pixels(1, 28, 56)]
     with torch.no_grad():
         features = tower(samples)
@@ -231,6 +234,27 @@ def test_equal_size_samples_in_one_call_equal_each_alone(checkpoint):
     for got, want in zip(together, alone):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0], together[2])  # different images, different features
+
+
+@settings(max_examples=15, deadline=None)
+@given(grids=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=5))
+def test_any_mix_of_grids_in_one_call_equals_each_alone(grids):
+    tower = _demo_tower()
+    samples = [pixels(t, 14 * h, 14 * w) for t, h, w in grids]
+    with torch.no_grad():
+        together = tower(samples)
+        for (t, h, w), sample, got in zip(grids, samples, together):
+            assert got.shape == (t * h * w, 64)
+            torch.testing.assert_close(got, tower([sample])[0], rtol=1e-5, atol=1e-5)
+
+
+_DEMO = []
+
+
+def _demo_tower():
+    if not _DEMO:
+        _DEMO.append(load_tower("demo"))
+    return _DEMO[0]
 
 
 def test_video_frames_attend_to_each_other(checkpoint):
@@ -326,10 +350,6 @@ def test_grids_that_are_not_whole_patches_are_refused(checkpoint):
 
 # ---------------------------------------------------------------------------------------------
 # Clear errors for unusable folders, before any media is read
-
-
-def _shape_error_names(message: str) -> str:
-    return message
 
 
 def test_missing_extra_and_misshaped_tensors_are_named(tmp_path, checkpoint):

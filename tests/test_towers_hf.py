@@ -129,7 +129,7 @@ def test_image_tower_batches_equal_each_sample_alone(tmp_path):
         assert_same(out, features(tower, [sample])[0])
 
 
-def test_missing_tower_weight_is_refused(tmp_path):
+def test_missing_or_misshaped_tower_weight_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VIT, image_size=56))
@@ -139,6 +139,10 @@ def test_missing_tower_weight_is_refused(tmp_path):
     del state[name]
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"weights do not match the config: missing .*layers\.1\.mlp\.fc2\.weight"):
+        load_tower(str(folder))
+    state[name] = torch.zeros(32, 63)  # back, but mis-shaped
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"mis-shaped .*layers\.1\.mlp\.fc2\.weight \(32, 63\) \(expected \(32, 64\)\)"):
         load_tower(str(folder))
 
 

@@ -12,6 +12,10 @@ a checkpoint's `config.json` to that module. Adding a tower is one file plus one
   clip         CLIP vision (CLS token dropped)                                       [hf]
   dinov2       DINOv2, with or without registers (CLS and registers dropped)         [hf]
   qwen2_vl     Qwen2-VL / Qwen2.5-VL vision encoder, tokens returned in raster order [hf]
+  remote       a model folder with its own code (auto_map), only with trust_remote_code [hf]
+
+[hf]: needs the optional `transformers` dependency (`pip install 'merge-cli[hf]'`), imported only
+when such a tower is loaded.
 """
 
 from __future__ import annotations

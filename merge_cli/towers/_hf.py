@@ -1,17 +1,11 @@
 """What the Hugging Face towers share: importing transformers lazily, and loading weights strictly.
 
-Two ways to load, both refusing missing, mis-shaped or unexpected tower weights by name (where
-`from_pretrained` alone would fill a missing weight with random values after only a warning):
-
-- `load_pretrained`: transformers' own `from_pretrained`, which knows each model's checkpoint key
-  conversions (DINOv2's attention names, the `vision_model.` prefix of CLIP and SigLIP, ...);
-  its loading report is checked. Used for image towers, whose checkpoints are small.
-- `build_model`: the model built from its config and the tensors read by merge-cli, only those
-  under the tower's prefix. Used for the Qwen vision encoders, whose full VLM checkpoints hold many
-  GB of language model that `from_pretrained` of the vision class would read and then miss the
-  tower (its weights live under `visual.`).
-
-Remote code is run only for the remote tower, and only when the user asks for it.
+Weights go through transformers' own `from_pretrained`, which knows each model's checkpoint key
+conversions (DINOv2's attention names, the `vision_model.` prefix of CLIP and SigLIP, ...), and its
+loading report is checked: a missing, mis-shaped or unexpected tower weight is an error naming it,
+where `from_pretrained` alone would fill it with random values after only a warning. The Qwen
+towers hand it the `visual.` tensors merge-cli read itself, so that a full VLM checkpoint's
+language model is never read. Remote code runs only for the remote tower, when the user asks.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import torch
 
 from merge_cli.errors import CheckpointError
 from merge_cli.towers import Tower
-from merge_cli.towers._common import check_tensors, some_names, read_prefixed_tensors, tower_hash
+from merge_cli.towers._common import some_names, tower_hash
 
 # config.json keys that say nothing about the function the model computes.
 _NOT_FUNCTION_KEYS = frozenset(
@@ -66,27 +60,34 @@ def sub_config(config: Any, config_class: type, folder: Path) -> Any:
 def load_pretrained(
     model_class: type,
     folder: Path,
+    *,
+    config: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
     foreign: tuple[str, ...] = (),
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """`model_class.from_pretrained(folder)` in fp32 on CPU, offline, refusing an incomplete tower.
+    """`model_class.from_pretrained` in fp32 on CPU, offline, refusing an incomplete tower.
 
-    `trust_remote_code` is passed on only for the remote tower, where the user asked for it.
+    Loads `folder`, or, given `config` and `state_dict`, those (tensors merge-cli read itself).
     `foreign` names prefixes of checkpoint tensors that belong to other parts of a composite model
-    (a text tower, a classifier) and may be left unused; any other unused or missing tensor, or a
-    mis-shaped one, is a CheckpointError naming them.
+    (a text tower, a classifier) and may be left unused; any other unused, missing or mis-shaped
+    tensor is a CheckpointError naming them. `trust_remote_code` is passed on only for the remote
+    tower, where the user asked for it.
     """
     import transformers
 
+    source = None if state_dict is not None else str(folder)
+    extra = {"config": config, "state_dict": state_dict} if state_dict is not None else {"local_files_only": True}
     verbosity, progress = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the loading report is checked below, not printed
     transformers.logging.disable_progress_bar()
     try:
         model, info = model_class.from_pretrained(
-            str(folder),
+            source,
+            **extra,
             **{_dtype_argument(transformers.__version__): torch.float32},
-            local_files_only=True,
             trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True,  # reported in `info` (with names) instead of raised
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError, ImportError, AttributeError) as error:
@@ -102,7 +103,9 @@ def load_pretrained(
         for name in info.get("unexpected_keys", ())
         if not name.startswith(foreign) and not name.endswith("position_ids")  # saved buffers of old checkpoints
     )
-    mismatched = [f"{entry[0]} {tuple(entry[1])} (expected {tuple(entry[2])})" for entry in info.get("mismatched_keys", ())]
+    mismatched = [
+        f"{name} {tuple(got)} (expected {tuple(want)})" for name, got, want in sorted(info.get("mismatched_keys", ()))
+    ]
     problems = []
     if missing:
         problems.append("missing " + some_names(missing))
@@ -120,35 +123,6 @@ def _dtype_argument(version: str) -> str:
     from packaging.version import Version
 
     return "dtype" if Version(version) >= Version("4.56") else "torch_dtype"
-
-
-def build_model(
-    model_class: type,
-    config: Any,
-    folder: Path,
-    prefixes: Iterable[str],
-    ignorable: Iterable[str] = (),
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """`model_class(config)` in fp32 on CPU with the folder's weights; also returns the tensors as stored.
-
-    The checkpoint's tensors under the first matching prefix must match the model's state dict
-    exactly (tensors named in `ignorable`, or saved non-persistent buffers, excepted).
-    """
-    try:
-        model = model_class(config)
-    except Exception as error:  # a config transformers accepts but cannot build
-        raise CheckpointError(f"{folder / 'config.json'}: cannot build {model_class.__name__}: {error}") from error
-    model = model.to(torch.float32).eval()
-    names = list(model.state_dict())
-    # transformers 4.x nests some vision models one level deeper (`vision_model.`) than 5.x does.
-    nested = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
-    model_prefix = nested if nested and all(name.startswith(nested) for name in names) else ""
-    expected = {name[len(model_prefix):]: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = read_prefixed_tensors(folder, prefixes, expected)
-    saved_buffers = [name[len(model_prefix):] for name, _ in model.named_buffers() if name not in names]
-    check_tensors(state, expected, str(folder), ignorable=[*ignorable, *saved_buffers])
-    model.load_state_dict({model_prefix + name: state[name].to(torch.float32) for name in expected}, strict=True)
-    return model, {name: state[name] for name in expected}
 
 
 def hf_tower_hash(kind: str, state: dict[str, torch.Tensor], raw_config: dict, tower: Tower, layer_index: int) -> str:

@@ -43,7 +43,7 @@ def demo_state_dict(config: OneVisionConfig = DEMO_CONFIG, seed: int = DEMO_SEED
     normal(0, 0.02) init of Hugging Face models, but needs no transcendental function, so its
     float32 values do not depend on the platform's math library or vector width.
     """
-    shapes = OneVisionTower(config).expected_shapes()
+    shapes = OneVisionTower.empty(config).expected_shapes()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     bound = DEMO_WEIGHT_STD * math.sqrt(3.0)
     state = {}
@@ -61,7 +61,7 @@ def demo_state_dict(config: OneVisionConfig = DEMO_CONFIG, seed: int = DEMO_SEED
 
 def load_demo(layer: int = -1) -> OneVisionTower:
     """The demo tower, named "demo"; `is_demo` is True."""
-    tower = OneVisionTower(
+    tower = OneVisionTower.empty(
         DEMO_CONFIG, layer=layer, name="demo", kind="demo", image_mean=CLIP_MEAN, image_std=CLIP_STD
     )
     tower.is_demo = True

@@ -339,11 +339,19 @@ class OneVisionTower(Tower):
         """Name -> shape of every tensor the full checkpoint must provide (all layers)."""
         return {name: tuple(t.shape) for name, t in self.state_dict().items()}
 
+    @classmethod
+    def empty(cls, config: OneVisionConfig, **kwargs) -> OneVisionTower:
+        """The module with its parameters on the meta device, for `load_weights` to fill: no time is
+        spent initializing weights that are overwritten anyway."""
+        with torch.device("meta"):
+            return cls(config, **kwargs)
+
     def load_weights(self, state: dict[str, torch.Tensor], where: str) -> None:
-        """Check `state` against the architecture, copy it in as fp32, then drop unused blocks."""
+        """Check `state` against the architecture, take its tensors as fp32 parameters, then drop
+        the blocks the selected layer does not need."""
         check_tensors(state, self.expected_shapes(), where, ignorable=UNUSED_PREFIXES)
         used = {name: state[name].to(torch.float32) for name in self.expected_shapes()}
-        self.load_state_dict(used, strict=True)
+        self.load_state_dict(used, strict=True, assign=True)
         self.content_hash = tower_hash(
             self.kind,
             {name: state[name] for name in used},
@@ -389,7 +397,7 @@ def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool
     except CheckpointError as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from error
     mean, std = read_normalization(folder, (CLIP_MEAN, CLIP_STD))
-    tower = OneVisionTower(
+    tower = OneVisionTower.empty(
         architecture, layer=layer, name=f"onevision_encoder:{folder.name}", image_mean=mean, image_std=std
     )
     tensors = read_tensors(folder, keep=lambda name: not name.startswith(UNUSED_PREFIXES))

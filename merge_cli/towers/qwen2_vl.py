@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 
 from merge_cli.errors import CheckpointError
-from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, resolve_layer
+from merge_cli.towers import Tower
+from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, read_prefixed_tensors, resolve_layer
 from merge_cli.towers._hf import (
-    build_model,
     hf_tower_hash,
     keep_blocks,
+    load_pretrained,
     read_hf_config,
     require_transformers,
     sub_config,
 )
-from merge_cli.towers import Tower
 
 
 def qwen_patches(frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:
@@ -154,7 +154,9 @@ def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool
         raise CheckpointError(f"{folder}: this transformers has no {model_name}: {error}") from error
     vision_config = sub_config(full_config, config_class, folder)
     resolve_layer(layer, vision_config.depth)
-    # A full VLM checkpoint: the tower is `visual.` (published) or `model.visual.` (transformers 5 saves).
+    # A full VLM checkpoint keeps the tower under `visual.` (published checkpoints, save_pretrained)
+    # or `model.visual.` (a state dict taken from transformers 5's module layout).
     prefixes = ("model.visual.", "visual.") if full_config is not vision_config else ("visual.", "")
-    model, state = build_model(model_class, vision_config, folder, prefixes)
-    return Qwen2VLTower(model, vision_config, folder, layer, config, state, kind).eval()
+    state = read_prefixed_tensors(folder, prefixes, wanted=("patch_embed.proj.weight",))
+    model = load_pretrained(model_class, folder, config=vision_config, state_dict=state)
+    return Qwen2VLTower(model, model.config, folder, layer, config, model.state_dict(), kind).eval()
