@@ -34,6 +34,7 @@ from merge_cli.store import (
     decode_attrs,
     numpy_to_tokens,
     open_h5,
+    plain_value,
     read_strings,
 )
 
@@ -81,7 +82,7 @@ class FeatureFile:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._file = open_h5(self.path, rdcc_nbytes=0)
-        if _plain_attr(self._file, "role") != "index" and _cache_bytes(self._file) != 0:
+        if plain_value(self._file.attrs.get("role")) != "index" and _cache_bytes(self._file) != 0:
             self._file.close()  # a compressed shard read on its own: reopen with a chunk cache
             self._file = open_h5(self.path, rdcc_nbytes=COMPRESSED_CACHE_BYTES, rdcc_nslots=521)
         self._shards: OrderedDict[int, h5py.Dataset] = OrderedDict()
@@ -91,7 +92,6 @@ class FeatureFile:
         except BaseException:
             self._file.close()
             raise
-        self._pid = os.getpid()
 
     def _load(self) -> None:
         handle = self._file
@@ -270,14 +270,9 @@ class FeatureFile:
         return f"FeatureFile({str(self.path)!r}, samples={len(self)}, dtype={self.dtype_name}, dim={self.token_dim})"
 
 
-def _plain_attr(handle: h5py.File, name: str) -> Any:
-    value = handle.attrs.get(name)
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _cache_bytes(handle: h5py.File) -> int:
     """Chunk cache for the shards described by `handle` (a shard, or an index naming their compression)."""
-    compression = str(_plain_attr(handle, "compression") or "none")
+    compression = str(plain_value(handle.attrs.get("compression")) or "none")
     return 0 if compression == "none" else COMPRESSED_CACHE_BYTES
 
 

@@ -138,7 +138,7 @@ def encode_attrs(attrs: Mapping[str, object]) -> dict[str, Any]:
 def decode_attrs(raw: Mapping[str, Any], *, parse_json: bool = True) -> dict[str, Any]:
     """Root attributes as plain Python values; with `parse_json` the JSON-text ones decoded (the
     inverse of encode_attrs), else left as the JSON text they were given as."""
-    values = {name: _plain(value) for name, value in raw.items()}
+    values = {name: plain_value(value) for name, value in raw.items()}
     try:
         json_names = json.loads(values.pop("json_attrs", "[]"))
         if parse_json:
@@ -158,13 +158,14 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """An attribute value as plain Python (bytes -> str, numpy scalars and arrays -> Python)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain_value(v) for v in value.tolist()]
     return value
 
 
@@ -204,8 +205,8 @@ def open_h5(path: Path | str, **kwargs: Any) -> h5py.File:
 def check_format(handle: h5py.File, path: Path | str) -> None:
     """Raise FormatError unless `handle` is a merge-cli output of a version this code reads."""
     try:
-        name = _plain(handle.attrs.get("format"))
-        version = _plain(handle.attrs.get("format_version"))
+        name = plain_value(handle.attrs.get("format"))
+        version = plain_value(handle.attrs.get("format_version"))
     except OSError as error:
         raise FormatError(f"{path}: damaged HDF5 file ({first_line(error)})") from error
     if name != FORMAT_NAME:
@@ -214,7 +215,7 @@ def check_format(handle: h5py.File, path: Path | str) -> None:
         raise FormatError(
             f"{path}: written in format version {version}; this merge-cli reads version {FORMAT_VERSION} (upgrade merge-cli)"
         )
-    if "zstd" in str(_plain(handle.attrs.get("compression"))):
+    if "zstd" in str(plain_value(handle.attrs.get("compression"))):
         require_hdf5plugin(path)
 
 
