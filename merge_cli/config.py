@@ -47,6 +47,8 @@ class VideoOptions:
     """Budget over all sampled frames in pixels [default: 32 * 64 * factor^2]."""
 
     def __post_init__(self) -> None:
+        if self.fps is None and self.num_frames is None:
+            raise UsageError("give --fps or --num-frames: how many frames to sample from each video")
         if self.fps is not None and self.fps <= 0:
             raise UsageError(f"--fps must be positive; got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:

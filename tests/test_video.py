@@ -269,3 +269,11 @@ def test_plan_matches_decoding(clip):
         item = decode_sample(Sample("clip.mp4", clip, "video"), options)
         height, width = item.resized_hw
         assert plan_sample(Sample("clip.mp4", clip, "video"), options) == (item.num_frames, height // 14, width // 14)
+
+
+def test_video_options_need_a_rate_or_a_count():
+    from merge_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--fps or --num-frames"):
+        VideoOptions(fps=None)
+    assert VideoOptions(fps=None, num_frames=8).num_frames == 8
