@@ -10,7 +10,6 @@ language model is never read. Remote code runs only for the remote tower, when t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,21 @@ def require_transformers(folder: Path, model_type: str) -> Any:
     return transformers
 
 
+def transformers_classes(folder: Path, model_type: str, *names: str) -> tuple[Any, ...]:
+    """The named transformers classes, or a CheckpointError if this transformers lacks one."""
+    transformers = require_transformers(folder, model_type)
+    found = []
+    for name in names:
+        try:
+            found.append(getattr(transformers, name))
+        except Exception as error:  # AttributeError, or the lazy import of that model failing
+            raise CheckpointError(
+                f"{folder}: model_type {model_type!r} needs transformers.{name}, which transformers "
+                f"{transformers.__version__} does not provide ({type(error).__name__}); upgrade transformers"
+            ) from error
+    return tuple(found)
+
+
 def read_hf_config(folder: Path, model_type: str, trust_remote_code: bool = False) -> Any:
     """The folder's config as a transformers config object (never running remote code here)."""
     transformers = require_transformers(folder, model_type)
@@ -54,7 +68,9 @@ def sub_config(config: Any, config_class: type, folder: Path) -> Any:
     vision = getattr(config, "vision_config", None)
     if isinstance(vision, config_class):
         return vision
-    raise CheckpointError(f"{folder / 'config.json'}: expected a {config_class.__name__} or a config with one as vision_config")
+    raise CheckpointError(
+        f"{folder / 'config.json'}: expected a {config_class.__name__} or a config with one as vision_config"
+    )
 
 
 def load_pretrained(

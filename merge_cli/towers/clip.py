@@ -19,8 +19,8 @@ from merge_cli.towers._hf import (
     keep_blocks,
     load_pretrained,
     read_hf_config,
-    require_transformers,
     sub_config,
+    transformers_classes,
 )
 
 # Tensors of a full CLIP checkpoint that are not the vision tower's.
@@ -50,8 +50,10 @@ class ClipTower(ImageTower):
 
 
 def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> ClipTower:
-    transformers = require_transformers(folder, config["model_type"])
-    vision_config = sub_config(read_hf_config(folder, config["model_type"]), transformers.CLIPVisionConfig, folder)
+    config_class, model_class = transformers_classes(
+        folder, config["model_type"], "CLIPVisionConfig", "CLIPVisionModel"
+    )
+    vision_config = sub_config(read_hf_config(folder, config["model_type"]), config_class, folder)
     resolve_layer(layer, vision_config.num_hidden_layers)
-    model = load_pretrained(transformers.CLIPVisionModel, folder, foreign=FOREIGN)
+    model = load_pretrained(model_class, folder, foreign=FOREIGN)
     return ClipTower(model, model.config, folder, layer, config, model.state_dict()).eval()

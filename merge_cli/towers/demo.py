@@ -31,9 +31,10 @@ DEMO_CONFIG = OneVisionConfig(
     use_head=False,
 )
 DEMO_WARNING = (
-    "using the built-in demo tower (tiny, fixed random weights): its features are meaningless for "
-    "training; pass --tower PATH to a real checkpoint folder"
+    "using the built-in demo tower: its features are meaningless for training "
+    "(point --tower at a real checkpoint folder)"
 )
+"""The one line every run with the demo tower prints (the output also records the name "demo")."""
 
 
 def demo_state_dict(config: OneVisionConfig = DEMO_CONFIG, seed: int = DEMO_SEED) -> dict[str, torch.Tensor]:

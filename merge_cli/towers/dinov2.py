@@ -19,7 +19,7 @@ from merge_cli.towers._hf import (
     keep_blocks,
     load_pretrained,
     read_hf_config,
-    require_transformers,
+    transformers_classes,
 )
 
 # Tensors of a classification checkpoint that are not the backbone's.
@@ -49,12 +49,10 @@ class Dinov2Tower(ImageTower):
 
 
 def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> Dinov2Tower:
-    transformers = require_transformers(folder, config["model_type"])
+    registers = config["model_type"] == "dinov2_with_registers"
+    name = "Dinov2WithRegistersModel" if registers else "Dinov2Model"
+    (model_class,) = transformers_classes(folder, config["model_type"], name)
     hf_config = read_hf_config(folder, config["model_type"])
     resolve_layer(layer, hf_config.num_hidden_layers)
-    if config["model_type"] == "dinov2_with_registers":
-        model_class = transformers.Dinov2WithRegistersModel
-    else:
-        model_class = transformers.Dinov2Model
     model = load_pretrained(model_class, folder, foreign=FOREIGN)
     return Dinov2Tower(model, model.config, folder, layer, config, model.state_dict()).eval()

@@ -99,7 +99,8 @@ class OneVisionConfig:
             raise CheckpointError(f"config rope_theta must be positive; got {self.rope_theta!r}")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
-                f"config hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+                f"config hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
             )
         if self.head_dim % 32:
             raise CheckpointError(

@@ -20,7 +20,7 @@ import torch
 
 from merge_cli.errors import CheckpointError
 from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, resolve_layer
-from merge_cli.towers._hf import ImageTower, hf_tower_hash, load_pretrained, read_hf_config, require_transformers
+from merge_cli.towers._hf import ImageTower, hf_tower_hash, load_pretrained, read_hf_config, transformers_classes
 
 
 def _setting(config: Any, name: str, folder: Path) -> int:
@@ -71,8 +71,8 @@ class RemoteTower(ImageTower):
 def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> RemoteTower:
     if not trust_remote_code:  # load_tower only routes here with the flag; keep the promise locally too
         raise CheckpointError(f"{folder}: running the model's own code needs --trust-remote-code")
-    transformers = require_transformers(folder, config["model_type"])
+    (auto_model,) = transformers_classes(folder, config["model_type"], "AutoModel")
     hf_config = read_hf_config(folder, config["model_type"], trust_remote_code=True)
     resolve_layer(layer, _setting(hf_config, "num_hidden_layers", folder))
-    model = load_pretrained(transformers.AutoModel, folder, trust_remote_code=True)
+    model = load_pretrained(auto_model, folder, trust_remote_code=True)
     return RemoteTower(model, model.config, folder, layer, config, model.state_dict()).eval()

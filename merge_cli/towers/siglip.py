@@ -19,8 +19,8 @@ from merge_cli.towers._hf import (
     keep_blocks,
     load_pretrained,
     read_hf_config,
-    require_transformers,
     sub_config,
+    transformers_classes,
 )
 
 # Tensors of a full SigLIP checkpoint that are not the vision tower's.
@@ -53,8 +53,10 @@ class SiglipTower(ImageTower):
 
 
 def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> SiglipTower:
-    transformers = require_transformers(folder, config["model_type"])
-    vision_config = sub_config(read_hf_config(folder, config["model_type"]), transformers.SiglipVisionConfig, folder)
+    config_class, model_class = transformers_classes(
+        folder, config["model_type"], "SiglipVisionConfig", "SiglipVisionModel"
+    )
+    vision_config = sub_config(read_hf_config(folder, config["model_type"]), config_class, folder)
     resolve_layer(layer, vision_config.num_hidden_layers)  # refuse a bad --layer before reading weights
-    model = load_pretrained(transformers.SiglipVisionModel, folder, foreign=FOREIGN)
+    model = load_pretrained(model_class, folder, foreign=FOREIGN)
     return SiglipTower(model, model.config, folder, layer, config, model.state_dict()).eval()

@@ -20,8 +20,8 @@ from merge_cli.towers._hf import (
     keep_blocks,
     load_pretrained,
     read_hf_config,
-    require_transformers,
     sub_config,
+    transformers_classes,
 )
 
 # Tensors of a full SigLIP2 checkpoint that are not the vision tower's.
@@ -66,8 +66,10 @@ class Siglip2Tower(ImageTower):
 
 
 def load(folder: Path, config: dict, *, layer: int = -1, trust_remote_code: bool = False) -> Siglip2Tower:
-    transformers = require_transformers(folder, config["model_type"])
-    vision_config = sub_config(read_hf_config(folder, config["model_type"]), transformers.Siglip2VisionConfig, folder)
+    config_class, model_class = transformers_classes(
+        folder, config["model_type"], "Siglip2VisionConfig", "Siglip2VisionModel"
+    )
+    vision_config = sub_config(read_hf_config(folder, config["model_type"]), config_class, folder)
     resolve_layer(layer, vision_config.num_hidden_layers)
-    model = load_pretrained(transformers.Siglip2VisionModel, folder, foreign=FOREIGN)
+    model = load_pretrained(model_class, folder, foreign=FOREIGN)
     return Siglip2Tower(model, model.config, folder, layer, config, model.state_dict()).eval()
