@@ -25,11 +25,11 @@ from merge_cli.store import (
     NUMPY_DTYPES,
     SHARD_ATTRS,
     STRING,
-    TMP_SUFFIX,
     object_array,
     decode_attrs,
     encode_attrs,
     failures_columns,
+    index_temporary,
     list_shards,
     open_h5,
     read_strings,
@@ -141,7 +141,7 @@ def build_index(out: Path, *, attrs: Mapping[str, object] | None = None) -> dict
                 last_error[record[0]] = record
     failures = list(last_error.values())
 
-    tmp = out.with_name(out.name + TMP_SUFFIX)
+    tmp = index_temporary(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w", libver=LIBVER) as handle:

@@ -13,10 +13,12 @@ closed, so every `*.h5` in the shard folder is whole; `*.tmp` files are leftover
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,16 +99,28 @@ def list_shards(out: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def list_temporaries(out: Path) -> list[Path]:
-    """Unfinished files of a killed run: `feats.h5.d/*.h5.tmp` and `feats.h5.tmp`."""
+def list_temporaries(out: Path, rank: int | None = None) -> list[Path]:
+    """Unfinished files: shards `feats.h5.d/r*-*.h5.tmp` and indexes `feats.h5.*.tmp`. With `rank`,
+    only that rank's shards (an index being built may belong to any live process)."""
+    out = Path(out)
     folder = shard_dir(out)
     found = []
     if folder.is_dir():
-        found = [p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX + TMP_SUFFIX) and parse_shard_name(p.name[: -len(TMP_SUFFIX)])]
-    index_tmp = Path(out).with_name(Path(out).name + TMP_SUFFIX)
-    if index_tmp.is_file():
-        found.append(index_tmp)
+        for path in folder.iterdir():
+            parsed = parse_shard_name(path.name[: -len(TMP_SUFFIX)]) if path.name.endswith(TMP_SUFFIX) else None
+            if parsed and (rank is None or parsed[0] == rank):
+                found.append(path)
+    if rank is None and out.parent.is_dir():
+        found += [p for p in out.parent.glob(f"{glob.escape(out.name)}.*{TMP_SUFFIX}") if p.is_file()]
     return sorted(found)
+
+
+def index_temporary(out: Path) -> Path:
+    """Where this process builds the index before renaming it to `out`: unique per host and
+    process, so that two jobs finishing together never write into one file."""
+    out = Path(out)
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    return out.with_name(f"{out.name}.{host}-{os.getpid()}{TMP_SUFFIX}")
 
 
 def encode_attrs(attrs: Mapping[str, object]) -> dict[str, Any]:
@@ -746,15 +760,17 @@ class ExistingOutput:
     shards: list[Path]
 
 
-def scan_existing(out: Path) -> ExistingOutput | None:
+def scan_existing(out: Path, *, rank: int | None = None) -> ExistingOutput | None:
     """The keys and settings of an existing output, or None when there is none.
 
-    Deletes the stale temporary files a killed run left (`*.h5.tmp`). Raises FormatError when
+    Deletes the stale temporary files a killed run left (`*.h5.tmp`): with `rank`, only that
+    rank's, which no live process can own (one process per rank); without, all of them, which
+    is only safe while no other process writes into this output. Raises FormatError when
     `out` exists but is not a merge-cli output, when a shard cannot be read, or when the shards
     were written with different settings (different `config_hash`).
     """
     out = Path(out)
-    for stale in list_temporaries(out):
+    for stale in list_temporaries(out, rank):
         stale.unlink(missing_ok=True)
     shards = list_shards(out)
     index_attrs: dict | None = None

@@ -241,16 +241,32 @@ def test_scan_deletes_stale_temporaries_and_ignores_them(tmp_path):
     assert open_tmp.exists()  # the open shard: what a kill -9 now would leave
     garbage = shard_dir(out) / "r003-00007.h5.tmp"
     garbage.write_bytes(os.urandom(5000))
-    (tmp_path / "feats.h5.tmp").write_bytes(b"half an index")
+    index_tmp = tmp_path / "feats.h5.otherhost-123.tmp"
+    index_tmp.write_bytes(b"half an index")
     existing = scan_existing(out)
     committed = {k for p in writer.shard_paths for k in open_features(p).keys()}
     assert existing.done_keys == committed and len(committed) < len(done)
-    assert not open_tmp.exists() and not garbage.exists() and not (tmp_path / "feats.h5.tmp").exists()
+    assert not open_tmp.exists() and not garbage.exists() and not index_tmp.exists()
     writer.abort()
     build_index(out)
     assert_same({k: done[k] for k in committed}, out)
     # a later writer of rank 0 continues after the highest sequence ever used
     assert ShardWriter(out, attrs())._first_free_sequence() == len(writer.shard_paths)
+
+
+def test_scan_with_a_rank_leaves_other_ranks_temporaries_alone(tmp_path):
+    out = tmp_path / "feats.h5"
+    write(out, [features("a.jpg")])
+    live = ShardWriter(out, attrs(), rank=0)  # another process, already writing its next shard
+    live.add(features("b.jpg"))
+    stale = shard_dir(out) / "r001-00003.h5.tmp"  # left by a killed rank-1 run
+    stale.write_bytes(b"partial")
+    building = tmp_path / "feats.h5.host-42.tmp"  # an index another job is building right now
+    building.write_bytes(b"partial")
+    assert scan_existing(out, rank=1).done_keys == {"a.jpg"}
+    assert not stale.exists() and live._shard.tmp.exists() and building.exists()
+    live.close()
+    assert scan_existing(out, rank=1).done_keys == {"a.jpg", "b.jpg"}
 
 
 @pytest.mark.slow
@@ -392,8 +408,10 @@ def test_remove_output_deletes_only_ours(tmp_path):
     write(out, [features("a.jpg"), features("b.jpg")], shard_bytes=10_000)
     build_index(out)
     (shard_dir(out) / "r000-00099.h5.tmp").write_bytes(b"partial")
+    (tmp_path / "feats.h5.host-7.tmp").write_bytes(b"partial")
     remove_output(out)
     assert not out.exists() and not shard_dir(out).exists()
+    assert list(tmp_path.iterdir()) == []
     write(out, [features("a.jpg")])
     notes = shard_dir(out) / "notes.txt"
     notes.write_text("mine")
