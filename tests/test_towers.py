@@ -328,6 +328,17 @@ def test_module_casts_to_bfloat16_and_runs_under_autocast(checkpoint):
         torch.testing.assert_close(got_c.float(), want, rtol=0.1, atol=0.1)
 
 
+def test_gradients_flow_after_an_inference_mode_call(checkpoint):
+    """The cached rotary tables made under inference_mode do not break a later autograd call."""
+    tower = load_tower(str(checkpoint[0]))
+    sample = pixels(1, 28, 28)
+    with torch.inference_mode():
+        tower([sample])
+    sample.requires_grad_(True)
+    tower([sample])[0].square().sum().backward()
+    assert sample.grad is not None and torch.isfinite(sample.grad).all()
+
+
 def test_preprocessor_config_sets_normalization(tmp_path):
     folder = save_onevision(tmp_path / "siglip-norm", preprocessor={"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5] * 3})
     tower = load_tower(str(folder))

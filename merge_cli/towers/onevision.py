@@ -189,9 +189,11 @@ class RotaryTables:
         if cached is not None:
             self._tables.move_to_end(key)
             return cached
-        angles = rotary_angles(grid, self.head_dim, self.theta, device=device)  # (L, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (L, D): duplicated by concatenation
-        tables = angles.cos(), angles.sin()
+        # Plain tensors even when first asked under inference_mode, so a later autograd call can use them.
+        with torch.inference_mode(False), torch.no_grad():
+            angles = rotary_angles(grid, self.head_dim, self.theta, device=device)  # (L, D/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (L, D): duplicated by concatenation
+            tables = angles.cos(), angles.sin()
         self._tables[key] = tables
         if len(self._tables) > self.capacity:
             self._tables.popitem(last=False)
