@@ -318,9 +318,11 @@ def extract_command(
     # Any problem before the first sample is processed means the run could not start: exit 1.
     config = run_core(build, json_output, exit_code=1)
     summary = run_core(lambda: _run_extract(config, json_output), json_output, exit_code=1)
-    if json_output:
+    if not _is_main_rank():
+        pass  # under torchrun, rank 0 prints the summary of the whole job
+    elif json_output:
         print_json(summary.to_dict())
-    elif summary.world_size == 1 or _is_main_rank():
+    else:
         from merge_cli.report import render_extract_summary
 
         render_extract_summary(summary.to_dict(), _stdout_console())
@@ -328,9 +330,14 @@ def extract_command(
 
 
 def _is_main_rank() -> bool:
+    """False only for torchrun's ranks other than 0 (ranks given by hand all report)."""
+    return _torchrun_rank() == 0
+
+
+def _torchrun_rank() -> int:
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def _run_extract(config, json_output: bool):
@@ -338,7 +345,7 @@ def _run_extract(config, json_output: bool):
     from merge_cli.progress import make_reporter
 
     try:
-        return run_extract(config, make_reporter(json_output, quiet=not _is_main_rank()))
+        return run_extract(config, make_reporter(json_output, rank=_torchrun_rank()))
     except KeyboardInterrupt:
         fail("interrupted; finished shards are kept, run the same command again to resume", 130, json_output)
 

@@ -122,9 +122,8 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
             "(point --tower at a real checkpoint folder)"
         )
 
-    todo, skipped = _resume_plan(config, out, attrs, sample_set.samples, dist)
+    mine, skipped = _plan_work(config, out, attrs, sample_set.samples, media, dist)
     source_failures = [f for f in sample_set.failures if f.key not in skipped]
-    mine = _my_share(todo, media, dist)
 
     summary = RunSummary(
         out=str(out),
@@ -162,12 +161,12 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
         _extract_loop(config, media, mine, failures, extractor, writer, reporter, summary)
     except KeyboardInterrupt:
         if not dist.connected:  # make what was finished readable through feats.h5 right away
-            store.build_index(out)
+            store.build_index(out, attrs=attrs)
         raise
     finally:
         reporter.finish()
     summary.seconds = time.perf_counter() - started
-    summary = _finish(out, dist, summary, reporter)
+    summary = _finish(out, attrs, dist, summary, reporter)
     return summary
 
 
@@ -260,27 +259,42 @@ def hash_json_text(value: object) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _resume_plan(
-    config: ExtractConfig, out: Path, attrs: dict, samples: Sequence[Sample], dist: DistContext
+def _plan_work(
+    config: ExtractConfig,
+    out: Path,
+    attrs: dict,
+    samples: Sequence[Sample],
+    media: MediaOptions,
+    dist: DistContext,
 ) -> tuple[list[Sample], set[str]]:
-    """Samples still to do, and the keys skipped as already stored."""
+    """This process's samples still to do, and the keys skipped as already stored.
+
+    Connected ranks (torchrun) all scan before anyone writes, so they agree on what is done and
+    split only the remaining work. Ranks started by hand (--rank/--world-size) never talk to each
+    other and start at different times, so they split *all* samples the same way and each skips
+    its own done keys: the union over ranks always covers everything.
+    """
     from merge_cli import store
 
     if config.resume == "overwrite":
         if dist.is_main:
             store.remove_output(out)
         dist.barrier()
-        return list(samples), set()
-    # Rank 0 scans first (it also removes temporary shards a killed run left behind).
-    existing = store.scan_existing(out) if dist.is_main else None
-    dist.barrier()
-    if not dist.is_main:
-        existing = store.scan_existing(out)
-    if existing is None:
-        return list(samples), set()
-    _check_same_settings(existing.attrs, attrs, out)
-    done = existing.done_keys
-    return [s for s in samples if s.key not in done], {s.key for s in samples if s.key in done}
+        existing = None
+    else:
+        # rank=...: only this rank's temporaries from a killed run are removed, never a live one's.
+        existing = store.scan_existing(out, rank=dist.rank)
+        dist.barrier()
+    done: set[str] = set()
+    if existing is not None:
+        _check_same_settings(existing.attrs, attrs, out)
+        done = existing.done_keys
+    skipped = {s.key for s in samples if s.key in done}
+    if dist.connected:
+        todo = [s for s in samples if s.key not in done]
+        return _my_share(todo, media, dist), skipped
+    mine = _my_share(list(samples), media, dist)
+    return [s for s in mine if s.key not in done], skipped
 
 
 def _check_same_settings(old: dict, new: dict, out: Path) -> None:
@@ -406,6 +420,7 @@ class _BackgroundWriter:
             if isinstance(result, Failure):
                 self.writer.add_failure(result)
                 _record_failure(self.summary, result)
+                self.reporter.failed(result)
                 self.reporter.advance(failures=1)
             else:
                 self.writer.add(result)
@@ -486,7 +501,7 @@ def _extract_loop(
             summary.stopped_early = True
 
 
-def _finish(out: Path, dist: DistContext, summary: RunSummary, reporter: Reporter) -> RunSummary:
+def _finish(out: Path, attrs: dict, dist: DistContext, summary: RunSummary, reporter: Reporter) -> RunSummary:
     """Wait for every rank, merge their summaries, and (rank 0) write the index."""
     from merge_cli import store
 
@@ -494,8 +509,8 @@ def _finish(out: Path, dist: DistContext, summary: RunSummary, reporter: Reporte
     dist.barrier()
     if dist.connected:
         summary = merge_summaries([s for s in dist.gather(summary)])  # type: ignore[misc]
-    if dist.is_main:
-        store.build_index(out)
+    if dist.is_main or not dist.connected:  # ranks started by hand each index what exists so far
+        store.build_index(out, attrs=attrs)
     dist.barrier()
     return summary
 

@@ -10,6 +10,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from merge_cli.records import Failure
+
 
 @dataclass
 class Reporter:
@@ -32,6 +34,9 @@ class Reporter:
         self.samples += samples
         self.tokens += tokens
         self.failures += failures
+
+    def failed(self, failure: Failure) -> None:
+        """One input failed (its record is stored; the summary lists the first few)."""
 
     def finish(self) -> None:
         pass
@@ -135,9 +140,26 @@ class RichReporter(Reporter):
             self._progress = None
 
 
-def make_reporter(json_output: bool, quiet: bool = False) -> Reporter:
-    """Silent for --json (or non-zero ranks), a bar on a terminal, log lines otherwise."""
-    if json_output or quiet:
+@dataclass
+class ErrorLogReporter(Reporter):
+    """For torchrun ranks other than 0: one stderr line per failed input, nothing else."""
+
+    rank: int = 0
+
+    def failed(self, failure: Failure) -> None:
+        print(
+            f"merge-cli[rank {self.rank}]: {failure.key}: {failure.stage} failed: "
+            f"{failure.error_type}: {failure.message}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def make_reporter(json_output: bool, rank: int = 0) -> Reporter:
+    """Silent for --json, errors only for ranks other than 0, a bar on a terminal, else log lines."""
+    if rank != 0:
+        return ErrorLogReporter(rank=rank)
+    if json_output:
         return Reporter()
     if sys.stderr.isatty():
         return RichReporter()
