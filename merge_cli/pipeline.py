@@ -117,10 +117,9 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     media = config.media_options(tower.patch_size)
     attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
     if tower.is_demo:
-        reporter.warn(
-            "using the built-in demo tower: its features are meaningless for training "
-            "(point --tower at a real checkpoint folder)"
-        )
+        from merge_cli.towers.demo import DEMO_WARNING
+
+        reporter.warn(DEMO_WARNING)
 
     mine, skipped = _plan_work(config, out, attrs, sample_set.samples, media, dist)
     source_failures = [f for f in sample_set.failures if f.key not in skipped]
