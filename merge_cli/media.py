@@ -109,7 +109,7 @@ def normalize(
     std_t = torch.tensor(std, dtype=torch.float64)
     scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(3, 1, 1).to(pixels.device)
     shift = (mean_t / std_t).to(torch.float32).view(3, 1, 1).to(pixels.device)
-    return (pixels.to(torch.float32) * scale - shift).to(dtype)
+    return pixels.to(torch.float32).mul_(scale).sub_(shift).to(dtype)
 
 
 def to_rgb(image):
