@@ -271,3 +271,32 @@ def test_normalize_refuses_what_is_not_uint8_pixels():
     with pytest.raises(ValueError, match=r"\(T, 3, H, W\)"):
         normalize(torch.zeros(1, 4, 2, 2, dtype=torch.uint8), CLIP_MEAN, CLIP_STD)
 
+
+
+def test_threads_probing_at_once_restore_pillow_limit(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = Image.MAX_IMAGE_PIXELS
+    samples = [Sample(f"{i}.png", make_image(tmp_path / f"{i}.png", 60 + i, 90), "image") for i in range(16)]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # as the pipeline's cost estimate does
+        plans = list(pool.map(lambda sample: plan_sample(sample, MediaOptions()), samples * 4))
+    assert len(plans) == 64 and Image.MAX_IMAGE_PIXELS == before
+
+
+def test_decodes_in_a_dataloader_worker(tmp_path):
+    samples = [
+        Sample("a.jpg", make_image(tmp_path / "a.jpg", 70, 90), "image"),
+        Sample("b.jpg", tmp_path / "missing.jpg", "image"),
+    ]
+
+    class Decoded(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, index):
+            return decode_sample(samples[index], MediaOptions())
+
+    loader = torch.utils.data.DataLoader(Decoded(), batch_size=None, num_workers=1, collate_fn=lambda x: x)
+    item, failure = list(loader)
+    assert isinstance(item, Item) and item.resized_hw == (56, 84)
+    assert failure == Failure("b.jpg", "open", "FileNotFoundError", f"no such file: {tmp_path / 'missing.jpg'}")
