@@ -392,8 +392,19 @@ def index_command(
         render_index_summary(summary, _stdout_console())
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (sent by torchrun, Slurm or `kill`) like Ctrl-C: finish the open shard, exit."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _interrupt_on_sigterm()
     try:
         app()
     except KeyboardInterrupt:

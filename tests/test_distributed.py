@@ -1,0 +1,167 @@
+"""Scaling out: the pure work split, torchrun on CPU (gloo), killed ranks, and hand-split jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from media_factory import make_image, make_video
+from merge_cli.distributed import DistContext, split_work
+from merge_cli.reader import open_features
+
+CPU_FP32 = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+EXTRACT = [sys.executable, "-m", "merge_cli", "extract"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(costs=st.lists(st.integers(1, 10_000), max_size=200), world_size=st.integers(1, 9))
+def test_split_covers_every_sample_once_and_balances_cost(costs, world_size):
+    parts = split_work(costs, world_size)
+    assert len(parts) == world_size
+    flat = [index for part in parts for index in part]
+    assert sorted(flat) == list(range(len(costs)))
+    assert all(part == sorted(part) for part in parts)
+    loads = [sum(costs[i] for i in part) for part in parts]
+    biggest = max(costs, default=0)
+    ideal = sum(costs) / world_size
+    # Within one sample's cost of the ideal share, on both sides.
+    assert max(loads) - ideal <= biggest and ideal - min(loads) <= biggest
+    assert split_work(costs, world_size) == parts  # deterministic
+
+
+def test_split_keeps_videos_from_piling_up_on_one_rank():
+    costs = [8192] * 4 + [256] * 400  # four long videos among many images
+    loads = [sum(costs[i] for i in part) for part in split_work(costs, 4)]
+    assert max(loads) - min(loads) <= 256
+
+
+def test_context_from_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert DistContext.detect() == DistContext()
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = DistContext.detect()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.connected) == (5, 8, 1, True)
+    by_hand = DistContext.detect(rank=2, world_size=3)
+    assert (by_hand.rank, by_hand.world_size, by_hand.connected) == (2, 3, False)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    root = tmp_path / "media"
+    for index in range(14):
+        make_image(root / f"img/{index:02d}.png", 84 + 28 * (index % 4), 112 + 14 * (index % 5))
+    make_video(root / "vid/a.mp4", 12, 96, 128, fps=10)
+    make_video(root / "vid/b.mp4", 20, 120, 160, fps=10)
+    return root
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _assert_same_features(path_a: Path, path_b: Path) -> None:
+    with open_features(path_a) as a, open_features(path_b) as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert a[key].grid_thw == b[key].grid_thw
+            torch.testing.assert_close(b[key].tokens, a[key].tokens, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
+    single, double = tmp_path / "single.h5", tmp_path / "double.h5"
+    _run([*EXTRACT, "--input", str(corpus), "--out", str(single), *CPU_FP32])
+    done = _run([*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract",
+                 "--input", str(corpus), "--out", str(double), *CPU_FP32, "--json"])
+    summary = json.loads(done.stdout)  # rank 0 alone prints, for the whole job
+    assert summary["world_size"] == 2 and summary["written"] == 16 and summary["failed"] == 0
+    shards = sorted(p.name for p in (tmp_path / "double.h5.d").glob("*.h5"))
+    assert any(name.startswith("r000-") for name in shards) and any(name.startswith("r001-") for name in shards)
+    _assert_same_features(single, double)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"RANK="):
+            return int(entry[5:])
+    return None
+
+
+@pytest.mark.slow
+def test_killed_rank_then_rerun_with_another_world_size(tmp_path):
+    root = tmp_path / "media"
+    for index in range(100):
+        make_image(root / f"{index:03d}.png", 112 + 28 * (index % 3), 112 + 28 * (index % 4))
+    clean, out = tmp_path / "clean.h5", tmp_path / "feats.h5"
+    _run([*EXTRACT, "--input", str(root), "--out", str(clean), *CPU_FP32])
+
+    run = [*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract", "--input", str(root),
+           "--out", str(out), *CPU_FP32, "--shard-size", "30kB", "--batch-tokens", "64"]
+    launcher = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "feats.h5.d"
+    deadline = time.monotonic() + 180
+    victim = None
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("r001-*.h5"))) >= 1:
+            victim = next((p for p in _children(launcher.pid) if _rank_of(p) == 1), None)
+            if victim is not None:
+                break
+        time.sleep(0.02)
+    assert victim is not None and launcher.poll() is None, "the job ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0  # torchrun reports the lost rank
+
+    # Rerun the rest as a single process (a different world size): same keys, same tensors.
+    done = _run([*EXTRACT, "--input", str(root), "--out", str(out), *CPU_FP32, "--json"])
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] > 0 and summary["skipped"] + summary["written"] == 100
+    _assert_same_features(clean, out)
+
+
+@pytest.mark.slow
+def test_index_over_separate_rank_jobs(corpus, tmp_path):
+    single, split = tmp_path / "single.h5", tmp_path / "split.h5"
+    _run([*EXTRACT, "--input", str(corpus), "--out", str(single), *CPU_FP32])
+    written = 0
+    for rank in (1, 0):  # two jobs that never talk to each other, in either order
+        done = _run([*EXTRACT, "--input", str(corpus), "--out", str(split), *CPU_FP32,
+                     "--rank", str(rank), "--world-size", "2", "--json"])
+        written += json.loads(done.stdout)["written"]
+    assert written == 16
+    split.unlink()
+    rebuilt = _run([sys.executable, "-m", "merge_cli", "index", str(split), "--json"])
+    assert json.loads(rebuilt.stdout)["samples"] == 16
+    _assert_same_features(single, split)
