@@ -95,13 +95,13 @@ def check_grid(
     patch_size: Annotated[int, typer.Option(min=1, help="Tower patch size in pixels.")] = 14,
     merge_size: Annotated[int, typer.Option(min=1, help="Merge window side (2 = 2x2).")] = 2,
     min_pixels: Annotated[
-        Optional[int], typer.Option(min=1, help="Resize floor in pixels [default: 4 * factor^2].", show_default=False)
+        Optional[int], typer.Option(min=1, help="Resize floor in pixels (default: 4 * factor^2).", show_default=False)
     ] = None,
     max_pixels: Annotated[
         Optional[int],
         typer.Option(
             min=1,
-            help="Resize ceiling in pixels [default: 1280 * factor^2; for a video file 64 * factor^2].",
+            help="Resize ceiling in pixels (default: 1280 * factor^2; for a video file 64 * factor^2).",
             show_default=False,
         ),
     ] = None,
@@ -218,69 +218,214 @@ def extract_command(
     inputs: Annotated[
         list[str],
         typer.Option(
-            "--input", "-i",
+            "--input",
+            "-i",
             help="A folder (scanned recursively), a media file, or a .txt/.jsonl/LLaVA .json manifest. Repeatable.",
-            rich_help_panel=_INPUTS, show_default=False,
+            rich_help_panel=_INPUTS,
+            show_default=False,
         ),
     ],
     out: Annotated[
-        str, typer.Option("--out", "-o", help="Output file, e.g. feats.h5 (shards go beside it).", rich_help_panel=_OUTPUT, show_default=False)
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output file, e.g. feats.h5 (shards go beside it).",
+            rich_help_panel=_OUTPUT,
+            show_default=False,
+        ),
     ],
     media_root: Annotated[
         Optional[str],
-        typer.Option(help="Root for relative manifest paths and for keys.", rich_help_panel=_INPUTS, show_default=False),
+        typer.Option(
+            help="Root for relative manifest paths and for keys.", rich_help_panel=_INPUTS, show_default=False
+        ),
     ] = None,
     tower: Annotated[
-        str, typer.Option(help="'demo' (built in, meaningless features) or a local checkpoint folder.", rich_help_panel=_MODEL)
+        str,
+        typer.Option(
+            help="'demo' (built in, meaningless features) or a local checkpoint folder.", rich_help_panel=_MODEL
+        ),
     ] = "demo",
-    layer: Annotated[int, typer.Option(help="Hidden state to take: -1 last layer (before post-norm), -2 ...", rich_help_panel=_MODEL)] = -1,
+    layer: Annotated[
+        int, typer.Option(help="Hidden state to take: -1 last layer (before post-norm), -2 ...", rich_help_panel=_MODEL)
+    ] = -1,
     projector: Annotated[
         Optional[str],
-        typer.Option(help="Trained SpatialMergeProjector: .safetensors, mm_projector.bin or a checkpoint folder.", rich_help_panel=_MODEL, show_default=False),
+        typer.Option(
+            help="Trained SpatialMergeProjector: .safetensors, mm_projector.bin or a checkpoint folder.",
+            rich_help_panel=_MODEL,
+            show_default=False,
+        ),
     ] = None,
-    projector_eps: Annotated[float, typer.Option(help="LayerNorm eps of the projector (LLaVA-OneVision-1.5 uses 1e-5).", rich_help_panel=_MODEL)] = 1e-6,
+    projector_eps: Annotated[
+        float,
+        typer.Option(help="LayerNorm eps of the projector (LLaVA-OneVision-1.5 uses 1e-5).", rich_help_panel=_MODEL),
+    ] = 1e-6,
     random_projector: Annotated[
-        bool, typer.Option("--random-projector", help="Project with seeded random weights (tests and demos only).", rich_help_panel=_MODEL)
+        bool,
+        typer.Option(
+            "--random-projector",
+            help="Project with seeded random weights (tests and demos only).",
+            rich_help_panel=_MODEL,
+        ),
     ] = False,
     llm_dim: Annotated[
-        Optional[int], typer.Option(min=1, help="Output width of --random-projector [default: 4 x tower width].", rich_help_panel=_MODEL, show_default=False)
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Output width of --random-projector (default: 4 x tower width).",
+            rich_help_panel=_MODEL,
+            show_default=False,
+        ),
     ] = None,
     trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow transformers to run code shipped with a checkpoint.", rich_help_panel=_MODEL)
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Allow transformers to run code shipped with a checkpoint.",
+            rich_help_panel=_MODEL,
+        ),
     ] = False,
     output: Annotated[
         Optional[OutputKind],
-        typer.Option(help="projected (default with a projector) or merged 4C tower features (default without).", rich_help_panel=_OUTPUT, show_default=False),
+        typer.Option(
+            help="projected (default with a projector) or merged 4C tower features (default without).",
+            rich_help_panel=_OUTPUT,
+            show_default=False,
+        ),
     ] = None,
     store_dtype: Annotated[
-        Optional[Dtype], typer.Option(help="Stored dtype [default: the compute dtype].", rich_help_panel=_OUTPUT, show_default=False)
+        Optional[Dtype],
+        typer.Option(help="Stored dtype (default: the compute dtype).", rich_help_panel=_OUTPUT, show_default=False),
     ] = None,
-    shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 2GB, 500MiB.", rich_help_panel=_OUTPUT)] = "2GB",
-    compression: Annotated[Compression, typer.Option(help="Token compression (zstd needs the [zstd] extra in every reader).", rich_help_panel=_OUTPUT)] = Compression.none,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an existing output (the default when it exists).", rich_help_panel=_OUTPUT)] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing output and start over.", rich_help_panel=_OUTPUT)] = False,
-    min_pixels: Annotated[Optional[int], typer.Option(min=1, help="Resize floor [default: 4 * factor^2].", rich_help_panel=_RESIZE, show_default=False)] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Resize ceiling [default: 1280 * factor^2].", rich_help_panel=_RESIZE, show_default=False)] = None,
-    size: Annotated[Optional[str], typer.Option(help="Resize everything to exactly HxW (a valid grid).", rich_help_panel=_RESIZE, show_default=False)] = None,
-    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at reduced size first (slightly different pixels, faster).", rich_help_panel=_RESIZE)] = False,
-    gif_as_video: Annotated[bool, typer.Option("--gif-as-video", help="Read animated images as videos, not their first frame.", rich_help_panel=_INPUTS)] = False,
-    max_image_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).", rich_help_panel=_INPUTS)] = 89478485,
+    shard_size: Annotated[
+        str, typer.Option(help="Largest shard file, e.g. 2GB, 500MiB.", rich_help_panel=_OUTPUT)
+    ] = "2GB",
+    compression: Annotated[
+        Compression,
+        typer.Option(
+            help="Token compression (zstd needs hdf5plugin, the zstd extra, in every reader).", rich_help_panel=_OUTPUT
+        ),
+    ] = Compression.none,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an existing output (the default when it exists).", rich_help_panel=_OUTPUT
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Delete an existing output and start over.", rich_help_panel=_OUTPUT)
+    ] = False,
+    min_pixels: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Resize floor (default: 4 * factor^2).", rich_help_panel=_RESIZE, show_default=False),
+    ] = None,
+    max_pixels: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1, help="Resize ceiling (default: 1280 * factor^2).", rich_help_panel=_RESIZE, show_default=False
+        ),
+    ] = None,
+    size: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Resize everything to exactly HxW (a valid grid).", rich_help_panel=_RESIZE, show_default=False
+        ),
+    ] = None,
+    fast_decode: Annotated[
+        bool,
+        typer.Option(
+            "--fast-decode",
+            help="Decode large JPEGs at reduced size first (slightly different pixels, faster).",
+            rich_help_panel=_RESIZE,
+        ),
+    ] = False,
+    gif_as_video: Annotated[
+        bool,
+        typer.Option(
+            "--gif-as-video", help="Read animated images as videos, not their first frame.", rich_help_panel=_INPUTS
+        ),
+    ] = False,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).", rich_help_panel=_INPUTS),
+    ] = 89478485,
     fps: Annotated[float, typer.Option(help="Frames sampled per second of video.", rich_help_panel=_VIDEO)] = 2.0,
-    num_frames: Annotated[Optional[int], typer.Option(min=1, help="Sample exactly N frames per video (instead of --fps).", rich_help_panel=_VIDEO, show_default=False)] = None,
-    min_frames: Annotated[int, typer.Option(min=1, help="At least this many frames (when the video has them).", rich_help_panel=_VIDEO)] = 4,
+    num_frames: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Sample exactly N frames per video (instead of --fps).",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
+    ] = None,
+    min_frames: Annotated[
+        int, typer.Option(min=1, help="At least this many frames (when the video has them).", rich_help_panel=_VIDEO)
+    ] = 4,
     max_frames: Annotated[int, typer.Option(min=1, help="At most this many frames.", rich_help_panel=_VIDEO)] = 32,
-    video_start: Annotated[Optional[float], typer.Option(help="Seconds into the video to start sampling.", rich_help_panel=_VIDEO, show_default=False)] = None,
-    video_end: Annotated[Optional[float], typer.Option(help="Seconds into the video to stop sampling.", rich_help_panel=_VIDEO, show_default=False)] = None,
-    video_max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Per-frame ceiling [default: 64 * factor^2, 224x224 at patch 14].", rich_help_panel=_VIDEO, show_default=False)] = None,
-    video_total_pixels: Annotated[Optional[int], typer.Option(min=1, help="Budget over all frames of a video [default: 32 * 64 * factor^2].", rich_help_panel=_VIDEO, show_default=False)] = None,
+    video_start: Annotated[
+        Optional[float],
+        typer.Option(help="Seconds into the video to start sampling.", rich_help_panel=_VIDEO, show_default=False),
+    ] = None,
+    video_end: Annotated[
+        Optional[float],
+        typer.Option(help="Seconds into the video to stop sampling.", rich_help_panel=_VIDEO, show_default=False),
+    ] = None,
+    video_max_pixels: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Per-frame ceiling (default: 64 * factor^2, 224x224 at patch 14).",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
+    ] = None,
+    video_total_pixels: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Budget over all frames of a video (default: 32 * 64 * factor^2).",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=_RUN)] = "auto",
-    dtype: Annotated[Optional[Dtype], typer.Option(help="Compute dtype [default: bf16 on CUDA, fp32 on CPU].", rich_help_panel=_RUN, show_default=False)] = None,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Patch tokens per forward pass.", rich_help_panel=_RUN)] = 16384,
-    batching: Annotated[Batching, typer.Option(help="pack: mixed shapes per pass; bucket: one shape per pass.", rich_help_panel=_RUN)] = Batching.pack,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes [default: CPU cores, at most 8].", rich_help_panel=_RUN, show_default=False)] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that fails.", rich_help_panel=_RUN)] = False,
-    rank: Annotated[Optional[int], typer.Option(min=0, help="This job's part when splitting by hand (e.g. a Slurm array); with --world-size.", rich_help_panel=_RUN, show_default=False)] = None,
-    world_size: Annotated[Optional[int], typer.Option(min=1, help="Number of parts when splitting by hand.", rich_help_panel=_RUN, show_default=False)] = None,
+    dtype: Annotated[
+        Optional[Dtype],
+        typer.Option(
+            help="Compute dtype (default: bf16 on CUDA, fp32 on CPU).", rich_help_panel=_RUN, show_default=False
+        ),
+    ] = None,
+    batch_tokens: Annotated[
+        int, typer.Option(min=1, help="Patch tokens per forward pass.", rich_help_panel=_RUN)
+    ] = 16384,
+    batching: Annotated[
+        Batching, typer.Option(help="pack: mixed shapes per pass; bucket: one shape per pass.", rich_help_panel=_RUN)
+    ] = Batching.pack,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0, help="Decoding processes (default: CPU cores, at most 8).", rich_help_panel=_RUN, show_default=False
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Stop at the first input that fails.", rich_help_panel=_RUN)
+    ] = False,
+    rank: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            help="This job's part when splitting by hand (e.g. a Slurm array); with --world-size.",
+            rich_help_panel=_RUN,
+            show_default=False,
+        ),
+    ] = None,
+    world_size: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Number of parts when splitting by hand.", rich_help_panel=_RUN, show_default=False),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print nothing but the final JSON summary.")] = False,
 ) -> None:
     """Extract merged vision features from images and videos into HDF5 shards.
@@ -297,22 +442,46 @@ def extract_command(
 
     def build() -> ExtractConfig:
         video = VideoOptions(
-            fps=fps, num_frames=num_frames, min_frames=min_frames, max_frames=max_frames,
-            start=video_start, end=video_end, max_pixels=video_max_pixels, total_pixels=video_total_pixels,
+            fps=fps,
+            num_frames=num_frames,
+            min_frames=min_frames,
+            max_frames=max_frames,
+            start=video_start,
+            end=video_end,
+            max_pixels=video_max_pixels,
+            total_pixels=video_total_pixels,
         )
         return ExtractConfig(
-            inputs=tuple(inputs), out=out, media_root=media_root,
-            min_pixels=min_pixels, max_pixels=max_pixels, size=parse_hw(size) if size else None,
-            video=video, fast_decode=fast_decode, gif_as_video=gif_as_video, max_image_pixels=max_image_pixels,
-            tower=tower, trust_remote_code=trust_remote_code, layer=layer,
-            projector=projector, projector_eps=projector_eps, random_projector=random_projector, llm_dim=llm_dim,
-            output=output.value if output else None, device=device,
-            dtype=dtype.value if dtype else None, store_dtype=store_dtype.value if store_dtype else None,
-            batch_tokens=batch_tokens, batching=batching.value,
+            inputs=tuple(inputs),
+            out=out,
+            media_root=media_root,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            size=parse_hw(size) if size else None,
+            video=video,
+            fast_decode=fast_decode,
+            gif_as_video=gif_as_video,
+            max_image_pixels=max_image_pixels,
+            tower=tower,
+            trust_remote_code=trust_remote_code,
+            layer=layer,
+            projector=projector,
+            projector_eps=projector_eps,
+            random_projector=random_projector,
+            llm_dim=llm_dim,
+            output=output.value if output else None,
+            device=device,
+            dtype=dtype.value if dtype else None,
+            store_dtype=store_dtype.value if store_dtype else None,
+            batch_tokens=batch_tokens,
+            batching=batching.value,
             workers=_default_workers() if workers is None else workers,
-            shard_bytes=parse_byte_size(shard_size), compression=compression.value,
+            shard_bytes=parse_byte_size(shard_size),
+            compression=compression.value,
             resume="overwrite" if overwrite else "resume" if resume else "auto",
-            strict=strict, rank=rank, world_size=world_size,
+            strict=strict,
+            rank=rank,
+            world_size=world_size,
         )
 
     # Any problem before the first sample is processed means the run could not start: exit 1.
@@ -352,7 +521,9 @@ def _run_extract(config, json_output: bool):
 
 @app.command("inspect")
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="A merge-cli output (feats.h5) or one of its shards.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="A merge-cli output (feats.h5) or one of its shards.", show_default=False)
+    ],
     key: Annotated[Optional[str], typer.Option(help="Show one sample in detail.", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Also scan every token for NaN/Inf (reads all data).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,

@@ -261,3 +261,15 @@ def test_resume_after_kill_9_matches_a_clean_run(tmp_path):
         assert sorted(a.keys()) == sorted(b.keys())
         for key in a.keys():
             torch.testing.assert_close(b[key].tokens, a[key].tokens, rtol=1e-6, atol=1e-6)
+
+
+def test_training_example_reads_the_output(cli, corpus, tmp_path):
+    out = tmp_path / "feats.h5"
+    assert _extract(cli, corpus, out).exit_code == 0
+    example = Path(__file__).parent.parent / "examples" / "train_step.py"
+    done = subprocess.run(
+        [sys.executable, str(example), str(out), "--workers", "2", "--batch-size", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "output merged" in done.stdout and "step 1:" in done.stdout
