@@ -50,6 +50,8 @@ class Timings:
     decode_cpu: float = 0.0
     compute: float = 0.0
     write: float = 0.0
+    loop: float = 0.0
+    """Wall time of the extract loop itself (first decode to last write), without model loading."""
 
 
 @dataclass
@@ -450,6 +452,7 @@ def _extract_loop(
         t, h, w = extractor.feature_grid(item)
         return t * h * w
 
+    loop_started = time.perf_counter()
     batcher = TokenBatcher(config.batch_tokens, patch_tokens, config.batching)
     decoded = _decoded(samples, media, config.workers)  # workers fork before the writer thread starts
     background = _BackgroundWriter(writer, summary, reporter)
@@ -493,6 +496,7 @@ def _extract_loop(
         finally:
             writer.close()
         timings.write = background.busy
+        timings.loop = time.perf_counter() - loop_started
         summary.batches = batcher.stats.batches
         summary.batch_fill = batcher.stats.fill
         summary.bytes = writer.bytes_written
@@ -524,6 +528,7 @@ def merge_summaries(parts: Sequence[RunSummary]) -> RunSummary:
             setattr(merged, name, getattr(merged, name) + getattr(part, name))
         for name in ("decode_wait", "decode_cpu", "compute", "write"):
             setattr(merged.timings, name, getattr(merged.timings, name) + getattr(part.timings, name))
+        merged.timings.loop = max(merged.timings.loop, part.timings.loop)
         merged.seconds = max(merged.seconds, part.seconds)
         merged.stopped_early = merged.stopped_early or part.stopped_early
         merged.failures.extend(part.failures[: max(0, FAILURE_PREVIEW - len(merged.failures))])
