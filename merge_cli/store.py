@@ -52,6 +52,7 @@ SHARD_NAME = re.compile(r"^r(\d{3,})-(\d{5,})\.h5$")
 LIBVER = ("v110", "v110")
 """HDF5 >= 1.10 object formats (needed for virtual datasets anyway); readable by any h5py >= 2.9."""
 CHUNK_TARGET_BYTES = 1 << 20
+GROW_CHUNKS = 64  # extent growth step of the tokens dataset, in chunks
 """`tokens` chunks hold about 1 MiB of rows (never more than 1/8 of a shard)."""
 ZSTD_LEVEL = 1
 GZIP_LEVEL = 4
@@ -638,7 +639,10 @@ class _OpenShard:
         with a plain file write)."""
         assert self.tokens is not None
         block = np.ascontiguousarray(block)
-        self.tokens.resize(self.written + len(block), axis=0)
+        if self.tokens.shape[0] < self.written + len(block):
+            # Grow the extent many chunks at a time (resizing is a metadata update per call);
+            # commit trims it to the rows written.
+            self.tokens.resize(self.written + len(block) + GROW_CHUNKS * self.chunk_rows, axis=0)
         for first in range(0, len(block), self.chunk_rows):
             self.tokens.id.write_direct_chunk((self.written, 0), block[first : first + self.chunk_rows])
             self.written += self.chunk_rows
@@ -658,6 +662,8 @@ class _OpenShard:
                 assert self.buffer is not None
                 self._write(self.buffer[: self.fill])
                 self.fill = 0
+            if self.tokens is not None and self.tokens.shape[0] != self.written:
+                self.tokens.resize(self.written, axis=0)
             if self.token_dim is not None:
                 self.file.attrs["token_dim"] = self.token_dim
             write_tables(self.file, self.samples, self.failures)
