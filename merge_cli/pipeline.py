@@ -123,6 +123,8 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
 
         reporter.warn(DEMO_WARNING)
 
+    if not sample_set.samples and not sample_set.failures:
+        reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
     mine, skipped = _plan_work(config, out, attrs, sample_set.samples, media, dist)
     source_failures = [f for f in sample_set.failures if f.key not in skipped]
 
