@@ -17,7 +17,7 @@ import torch
 
 from merge_cli.errors import CheckpointError
 from merge_cli.towers import Tower
-from merge_cli.towers._common import some_names, tower_hash
+from merge_cli.towers._common import read_normalization, resolve_layer, some_names, tower_hash
 
 # config.json keys that say nothing about the function the model computes.
 _NOT_FUNCTION_KEYS = frozenset(
@@ -167,6 +167,22 @@ class ImageTower(Tower):
 
     prefix_tokens: int = 0
     """Tokens before the patch grid (CLS, registers), dropped."""
+
+    def _take_model(
+        self, model, config, folder: Path, layer: int, raw_config: dict, state, normalization
+    ) -> int:
+        """Set what every Hugging Face image tower records about itself; returns how many blocks
+        the selected layer needs (the caller drops the rest from its model)."""
+        self.name = f"{self.kind}:{folder.name}"
+        self.patch_size = int(config.patch_size)
+        self.hidden_size = int(config.hidden_size)
+        self.image_mean, self.image_std = read_normalization(folder, normalization)
+        self.layer = layer
+        self.num_layers = int(config.num_hidden_layers)
+        blocks = resolve_layer(layer, self.num_layers)
+        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        self.model = model
+        return blocks
 
     def forward(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
         grids = self._check_pixels(pixels)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, resolve_layer
+from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, resolve_layer
 from merge_cli.towers._hf import (
     ImageTower,
-    hf_tower_hash,
     keep_blocks,
     load_pretrained,
     read_hf_config,
@@ -33,17 +32,9 @@ class ClipTower(ImageTower):
 
     def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
         super().__init__()
-        self.name = f"clip:{folder.name}"
-        self.patch_size = int(config.patch_size)
-        self.hidden_size = int(config.hidden_size)
-        self.image_mean, self.image_std = read_normalization(folder, (CLIP_MEAN, CLIP_STD))
-        self.layer = layer
-        self.num_layers = int(config.num_hidden_layers)
-        blocks = resolve_layer(layer, self.num_layers)
-        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        blocks = self._take_model(model, config, folder, layer, raw_config, state, (CLIP_MEAN, CLIP_STD))
         vision = getattr(model, "vision_model", model)  # transformers 4.x nests it one level deeper
         keep_blocks(vision.encoder.layers, blocks)
-        self.model = model
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=frames, interpolate_pos_encoding=True).last_hidden_state

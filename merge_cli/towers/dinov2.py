@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from merge_cli.towers._common import IMAGENET_MEAN, IMAGENET_STD, read_normalization, resolve_layer
+from merge_cli.towers._common import IMAGENET_MEAN, IMAGENET_STD, resolve_layer
 from merge_cli.towers._hf import (
     ImageTower,
-    hf_tower_hash,
     keep_blocks,
     load_pretrained,
     read_hf_config,
@@ -31,18 +30,10 @@ class Dinov2Tower(ImageTower):
 
     def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
         super().__init__()
-        self.name = f"dinov2:{folder.name}"
-        self.patch_size = int(config.patch_size)
-        self.hidden_size = int(config.hidden_size)
         self.prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0))  # CLS + registers
-        self.image_mean, self.image_std = read_normalization(folder, (IMAGENET_MEAN, IMAGENET_STD))
-        self.layer = layer
-        self.num_layers = int(config.num_hidden_layers)
-        blocks = resolve_layer(layer, self.num_layers)
-        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
+        blocks = self._take_model(model, config, folder, layer, raw_config, state, (IMAGENET_MEAN, IMAGENET_STD))
         keep_blocks(model.encoder.layer, blocks)
         model.layernorm = torch.nn.Identity()  # features are taken before the final norm
-        self.model = model
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=frames).last_hidden_state

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import torch
 
-from merge_cli.towers._common import SIGLIP_MEAN, SIGLIP_STD, read_normalization, resolve_layer
+from merge_cli.towers._common import resolve_layer
 from merge_cli.towers._hf import (
-    ImageTower,
-    hf_tower_hash,
-    keep_blocks,
     load_pretrained,
     read_hf_config,
     sub_config,
     transformers_classes,
 )
-
-# Tensors of a full SigLIP2 checkpoint that are not the vision tower's.
-FOREIGN = ("text_model.", "logit_scale", "logit_bias")
+from merge_cli.towers.siglip import FOREIGN, SiglipTower
 
 
 def naflex_patches(frames: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -36,26 +31,10 @@ def naflex_patches(frames: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.permute(0, 2, 4, 3, 5, 1).reshape(count, (height // p) * (width // p), p * p * channels)
 
 
-class Siglip2Tower(ImageTower):
-    kind = "siglip2"
-    prefix_tokens = 0
+class Siglip2Tower(SiglipTower):
+    """SigLIP's structure (same trimming), fed NaFlex patches with their spatial shapes."""
 
-    def __init__(self, model, config, folder: Path, layer: int, raw_config: dict, state):
-        super().__init__()
-        self.name = f"siglip2:{folder.name}"
-        self.patch_size = int(config.patch_size)
-        self.hidden_size = int(config.hidden_size)
-        self.image_mean, self.image_std = read_normalization(folder, (SIGLIP_MEAN, SIGLIP_STD))
-        self.layer = layer
-        self.num_layers = int(config.num_hidden_layers)
-        blocks = resolve_layer(layer, self.num_layers)
-        self.content_hash = hf_tower_hash(self.kind, state, raw_config, self, blocks)
-        vision = getattr(model, "vision_model", model)  # transformers 4.x nests it one level deeper
-        keep_blocks(vision.encoder.layers, blocks)
-        vision.post_layernorm = torch.nn.Identity()  # features are taken before the post-norm
-        vision.use_head = False
-        del vision.head
-        self.model = model
+    kind = "siglip2"
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         count, _, height, width = frames.shape
