@@ -109,12 +109,7 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     store_dtype = config.store_dtype or compute_dtype
     out = Path(config.out)
 
-    sample_set = collect_samples(
-        [Path(p) for p in config.inputs],
-        Path(config.media_root) if config.media_root else None,
-        gif_as_video=config.gif_as_video,
-    )
-    models = build_models(config)
+    models = build_models(config)  # first: a bad checkpoint fails before any input is listed
     tower = models.tower
     media = config.media_options(tower.patch_size)
     attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
@@ -122,6 +117,13 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
         from merge_cli.towers.demo import DEMO_WARNING
 
         reporter.warn(DEMO_WARNING)
+    if config.projector and models.projector is None:
+        reporter.warn(f"--output merged stores tower features before the projector: {config.projector} is not used")
+    sample_set = collect_samples(
+        [Path(p) for p in config.inputs],
+        Path(config.media_root) if config.media_root else None,
+        gif_as_video=config.gif_as_video,
+    )
 
     if not sample_set.samples and not sample_set.failures:
         reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
