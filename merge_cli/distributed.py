@@ -110,9 +110,33 @@ class DistContext:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    def job_counts(self) -> StoreCounts | None:
+        """Progress counts shared by all ranks through the process group's key-value store (one
+        TCP round trip per update), or None when not connected or the store is unavailable."""
+        if not self.connected:
+            return None
+        try:
+            from torch.distributed import distributed_c10d
+
+            return StoreCounts(distributed_c10d._get_default_store())
+        except Exception:  # a private accessor: without it, rank 0 shows its own progress only
+            return None
+
     def shutdown(self) -> None:
         if self.connected:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+class StoreCounts:
+    """Samples, tokens and failures of the whole job, added to atomically by every rank."""
+
+    KEYS = ("merge-cli/samples", "merge-cli/tokens", "merge-cli/failures")
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def add(self, samples: int, tokens: int, failures: int) -> tuple[int, int, int]:
+        return tuple(int(self.store.add(key, value)) for key, value in zip(self.KEYS, (samples, tokens, failures)))  # type: ignore[return-value]

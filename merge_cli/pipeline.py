@@ -161,7 +161,11 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     )
     # Source failures (e.g. a manifest naming an unsupported file) belong to rank 0 alone.
     failures = source_failures if dist.is_main else []
-    reporter.start(len(mine) + len(failures))
+    total = len(mine) + len(failures)
+    if dist.connected:  # rank 0 shows the whole job's progress
+        total = sum(dist.gather(total))  # type: ignore[arg-type]
+        reporter.job = dist.job_counts()
+    reporter.start(total)
     try:
         _extract_loop(config, media, mine, failures, extractor, writer, reporter, summary)
     except KeyboardInterrupt:

@@ -9,13 +9,25 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from merge_cli.records import Failure
 
 
+class JobCounts(Protocol):
+    """Counts shared by every rank of a job (see `DistContext.job_counts`)."""
+
+    def add(self, samples: int, tokens: int, failures: int) -> tuple[int, int, int]:
+        """Add this rank's new counts; returns the job's totals."""
+
+
 @dataclass
 class Reporter:
-    """Silent reporter: collects warnings (for the JSON summary), shows nothing."""
+    """Silent reporter: collects warnings (for the JSON summary), shows nothing.
+
+    With `job` set (torchrun), every rank adds its counts to the job's shared counts about once a
+    second, and the counts shown are the whole job's.
+    """
 
     warnings: list[str] = field(default_factory=list)
     total: int = 0
@@ -23,23 +35,39 @@ class Reporter:
     tokens: int = 0
     failures: int = 0
     started: float = field(default_factory=time.perf_counter)
+    job: JobCounts | None = None
+    sync_interval: float = 1.0
+    _unsent: tuple[int, int, int] = (0, 0, 0)
+    _synced: float = field(default_factory=time.perf_counter)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
     def start(self, total: int, description: str = "extracting") -> None:
         self.total, self.started = total, time.perf_counter()
+        self._synced = self.started
 
     def advance(self, samples: int = 0, tokens: int = 0, failures: int = 0) -> None:
-        self.samples += samples
-        self.tokens += tokens
-        self.failures += failures
+        if self.job is None:
+            self.samples += samples
+            self.tokens += tokens
+            self.failures += failures
+            return
+        self._unsent = tuple(a + b for a, b in zip(self._unsent, (samples, tokens, failures)))  # type: ignore[assignment]
+        if time.perf_counter() - self._synced >= self.sync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        """Send this rank's unsent counts to the job and take the job's totals (a round trip)."""
+        if self.job is not None:
+            self.samples, self.tokens, self.failures = self.job.add(*self._unsent)
+            self._unsent, self._synced = (0, 0, 0), time.perf_counter()
 
     def failed(self, failure: Failure) -> None:
         """One input failed (its record is stored; the summary lists the first few)."""
 
     def finish(self) -> None:
-        pass
+        self.sync()
 
     @property
     def tokens_per_second(self) -> float:
@@ -71,6 +99,7 @@ class LogReporter(Reporter):
             self._line()
 
     def finish(self) -> None:
+        super().finish()
         self._line()
 
     def _line(self) -> None:
@@ -129,13 +158,15 @@ class RichReporter(Reporter):
         if self._progress is not None:
             self._progress.update(
                 self._task,
-                advance=samples + failures,
+                completed=self.samples + self.failures,
                 rate=f"{self.tokens_per_second:,.0f}",
                 errors=self.failures,
             )
 
     def finish(self) -> None:
+        super().finish()
         if self._progress is not None:
+            self._progress.update(self._task, completed=self.samples + self.failures, errors=self.failures)
             self._progress.stop()
             self._progress = None
 

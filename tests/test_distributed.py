@@ -165,3 +165,18 @@ def test_index_over_separate_rank_jobs(corpus, tmp_path):
     rebuilt = _run([sys.executable, "-m", "merge_cli", "index", str(split), "--json"])
     assert json.loads(rebuilt.stdout)["samples"] == 16
     _assert_same_features(single, split)
+
+
+def test_progress_counts_add_up_across_ranks():
+    from merge_cli.distributed import StoreCounts
+    from merge_cli.progress import Reporter
+
+    store = torch.distributed.HashStore()  # the same add() as torchrun's TCP store, in process
+    rank0 = Reporter(job=StoreCounts(store), sync_interval=0.0)
+    rank1 = Reporter(job=StoreCounts(store), sync_interval=3600.0)  # holds its counts back...
+    rank1.advance(samples=3, tokens=300)
+    rank0.advance(samples=2, tokens=200, failures=1)
+    assert (rank0.samples, rank0.tokens, rank0.failures) == (2, 200, 1)
+    rank1.finish()  # ...until it finishes
+    rank0.advance(samples=1, tokens=100)
+    assert (rank0.samples, rank0.tokens, rank0.failures) == (6, 600, 1)
