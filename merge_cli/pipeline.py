@@ -255,14 +255,15 @@ def output_attrs(
         "compute_dtype": compute_dtype,
         "store_dtype": store_dtype,
         "resize_policy": media.policy.to_json(),
-        "video_options": hash_json_text(media_settings["video"]),
-        "media_options": hash_json_text(media_settings),
-        "settings": hash_json_text(settings),
+        "video_options": json_text(media_settings["video"]),
+        "media_options": json_text(media_settings),
+        "settings": json_text(settings),
         "config_hash": hash_json(settings),
     }
 
 
-def hash_json_text(value: object) -> str:
+def json_text(value: object) -> str:
+    """Settings as stable JSON text (sorted keys), the form root attributes keep them in."""
     import json
 
     return json.dumps(value, sort_keys=True)
