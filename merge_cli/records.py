@@ -56,6 +56,10 @@ class Item:
     frame_times: list[float] = field(default_factory=list)
     """For videos: the timestamp in seconds of every sampled frame."""
 
+    @property
+    def num_frames(self) -> int:
+        return int(self.pixels.shape[0])
+
 
 @dataclass
 class Features:
