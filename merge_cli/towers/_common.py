@@ -50,7 +50,7 @@ def read_model_config(folder: Path) -> dict[str, Any]:
         )
     config = read_json(path, "model config")
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
-        raise CheckpointError(f"{path} does not say which model it is (no \"model_type\")")
+        raise CheckpointError(f'{path} does not say which model it is (no "model_type")')
     return config
 
 
@@ -110,14 +110,13 @@ def read_prefixed_tensors(folder: Path, prefixes: Iterable[str], wanted: Iterabl
     wanted = set(wanted)
     tensors = read_tensors(folder, keep=lambda name: name.startswith(prefixes))
     for prefix in prefixes:
-        chosen = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        chosen = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
         if chosen.keys() & wanted:
             return chosen
     expected = " or ".join(repr(p) for p in prefixes if p) or "the model's own names"
     example = min(wanted) if wanted else "?"
     raise CheckpointError(
-        f"{folder}: none of its weights belong to this model (looked for names like {example!r} "
-        f"under {expected})"
+        f"{folder}: none of its weights belong to this model (looked for names like {example!r} under {expected})"
     )
 
 
@@ -145,15 +144,20 @@ def check_tensors(
         if name in got and tuple(got[name].shape) != tuple(shape)
     ]
     not_float = sorted(name for name in expected if name in got and not got[name].is_floating_point())
-    problems = []
-    if missing:
-        problems.append("missing " + some_names(missing))
-    if unexpected:
-        problems.append("unexpected " + some_names(unexpected))
-    if misshaped:
-        problems.append("mis-shaped " + some_names(misshaped))
-    if not_float:
-        problems.append("not floating point " + some_names(not_float))
+    refuse_weight_problems(where, missing=missing, unexpected=unexpected, misshaped=misshaped, not_float=not_float)
+
+
+_PROBLEM_LABELS = {
+    "missing": "missing",
+    "unexpected": "unexpected",
+    "misshaped": "mis-shaped",
+    "not_float": "not floating point",
+}
+
+
+def refuse_weight_problems(where: str, **names: list[str]) -> None:
+    """One CheckpointError naming every problem found (`missing=[...]`, `misshaped=[...]`, ...)."""
+    problems = [f"{_PROBLEM_LABELS[kind]} {some_names(found)}" for kind, found in names.items() if found]
     if problems:
         raise CheckpointError(f"{where}: weights do not match the config: {'; '.join(problems)}")
 

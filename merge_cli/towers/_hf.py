@@ -17,7 +17,7 @@ import torch
 
 from merge_cli.errors import CheckpointError
 from merge_cli.towers import Tower
-from merge_cli.towers._common import read_normalization, resolve_layer, some_names, tower_hash
+from merge_cli.towers._common import read_normalization, refuse_weight_problems, resolve_layer, tower_hash
 
 # config.json keys that say nothing about the function the model computes.
 _NOT_FUNCTION_KEYS = frozenset(
@@ -122,15 +122,7 @@ def load_pretrained(
     mismatched = [
         f"{name} {tuple(got)} (expected {tuple(want)})" for name, got, want in sorted(info.get("mismatched_keys", ()))
     ]
-    problems = []
-    if missing:
-        problems.append("missing " + some_names(missing))
-    if unexpected:
-        problems.append("unexpected " + some_names(unexpected))
-    if mismatched:
-        problems.append("mis-shaped " + some_names(mismatched))
-    if problems:
-        raise CheckpointError(f"{folder}: weights do not match the config: {'; '.join(problems)}")
+    refuse_weight_problems(str(folder), missing=missing, unexpected=unexpected, misshaped=mismatched)
     return model.to(torch.float32).eval()
 
 
