@@ -77,7 +77,7 @@ class FeatureExtractor:
         """Features for every item (or a Failure for the ones that do not fit in memory alone)."""
         try:
             return self._forward(items)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(error):
                 raise
             self._release_memory()

@@ -7,6 +7,7 @@ budget and runs the models; a writer thread stores results so disk I/O overlaps 
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -529,9 +530,7 @@ def _finish(out: Path, attrs: dict, dist: DistContext, summary: RunSummary, repo
 
 def merge_summaries(parts: Sequence[RunSummary]) -> RunSummary:
     """One summary for the whole job: counts summed, time the slowest rank's."""
-    first = parts[0]
-    merged = RunSummary(**{**asdict(first), "timings": Timings(**asdict(first.timings))})
-    merged.failures = list(first.failures)
+    merged = copy.deepcopy(parts[0])
     for part in parts[1:]:
         for name in ("written", "failed", "tokens", "patch_tokens", "bytes", "batches"):
             setattr(merged, name, getattr(merged, name) + getattr(part, name))

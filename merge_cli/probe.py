@@ -121,12 +121,9 @@ def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate) if stream.average_rate else None
-            duration = None
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / 1_000_000  # container duration is in microseconds
-            num_frames = stream.frames or (round(duration * fps) if duration and fps else 0)
+            # An estimate for planning: a container's duration will do when the stream has none.
+            duration = stream_duration(container, stream, whole_container=True)
+            num_frames = header_frame_count(container, stream, fps, whole_container=True) or 0
     except MediaError:
         raise
     except (OSError, ValueError, av.FFmpegError) as error:
@@ -134,3 +131,24 @@ def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
     if not width or not height:
         raise MediaError(stage, f"{path.name}: video stream has no frame size", "NoVideoStream")
     return MediaInfo("video", height, width, num_frames, fps, duration)
+
+
+def stream_duration(container, stream, *, whole_container: bool) -> float | None:
+    """Seconds of a PyAV video stream by its header: the stream's own duration, else (only with
+    `whole_container`) the container's, which also covers any audio track."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if whole_container and container.duration is not None:
+        return container.duration / 1_000_000  # container durations are in microseconds
+    return None
+
+
+def header_frame_count(container, stream, rate: float | None, *, whole_container: bool) -> int | None:
+    """Frames a video stream's header promises: its own count, else duration x rate; None when
+    the header does not say."""
+    if stream.frames:
+        return int(stream.frames)
+    duration = stream_duration(container, stream, whole_container=whole_container)
+    if duration is None or not rate:
+        return None
+    return round(duration * float(rate))

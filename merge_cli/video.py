@@ -77,21 +77,17 @@ def promised_frames(path: Path) -> int | None:
     """
     import av
 
+    from merge_cli.probe import header_frame_count
+
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 return None
             stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
             rate = stream.average_rate or stream.guessed_rate
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif len(container.streams) == 1 and container.duration is not None:
-                duration = container.duration / 1_000_000  # container durations are in microseconds
-            else:
-                return None
-            return round(duration * float(rate)) if rate else None
+            # A promise to hold the decoder to: the container's duration only when nothing but
+            # the video is in it.
+            return header_frame_count(container, stream, rate, whole_container=len(container.streams) == 1)
     except Exception:  # an unreadable header: the decoders will say why
         return None
 
