@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from merge_cli import video  # noqa: E402
 from merge_cli.config import MediaOptions, VideoOptions  # noqa: E402
-from merge_cli.media import decode_sample, normalize  # noqa: E402
+from merge_cli.media import video  # noqa: E402
+from merge_cli.media.images import decode_sample, normalize  # noqa: E402
 from merge_cli.records import Item, Sample  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -39,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merge_cli.batching import TokenBatcher
-from merge_cli.compute import FeatureExtractor
-from merge_cli.grid import ResizePolicy
+from merge_cli.media.grid import ResizePolicy
+from merge_cli.models.towers.demo import demo_state_dict
+from merge_cli.models.towers.onevision import OneVisionConfig, OneVisionTower
 from merge_cli.records import Features, Item
-from merge_cli.towers.demo import demo_state_dict
-from merge_cli.towers.onevision import OneVisionConfig, OneVisionTower
+from merge_cli.run.batching import TokenBatcher
+from merge_cli.run.compute import FeatureExtractor
 
 ONEVISION_LARGE = OneVisionConfig(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14
@@ -186,9 +185,9 @@ def make_jpegs(folder: Path, count: int, height: int, width: int) -> Path:
 def bench_pipeline(args, device: torch.device, config: OneVisionConfig, dtype: str, work: Path) -> dict:
     """End-to-end extract against tower + merger alone on the same images, preloaded."""
     from merge_cli.config import ExtractConfig, MediaOptions
-    from merge_cli.media import decode_sample
-    from merge_cli.pipeline import run_extract
-    from merge_cli.sources import collect_samples
+    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.media.images import decode_sample
+    from merge_cli.run.pipeline import run_extract
 
     images = make_jpegs(work / "jpegs", args.pipeline_images, 480, 640)  # COCO-sized
     tower_dir = save_checkpoint(config, work / "tower")
@@ -230,7 +229,7 @@ def bench_pipeline(args, device: torch.device, config: OneVisionConfig, dtype: s
 
 def bench_writer(args, work: Path) -> dict:
     """ShardWriter against a raw sequential write + fsync of the same bytes on the same disk."""
-    from merge_cli.store import ShardWriter
+    from merge_cli.output.store import ShardWriter
 
     rows_per_sample, dim = 256, 3584  # a 448x448 image projected to a Qwen2.5-7B width, bf16
     samples = max(8, int(args.write_mb * 2**20 / (rows_per_sample * dim * 2)))
@@ -275,9 +274,9 @@ def bench_writer(args, work: Path) -> dict:
 def demo_outputs(count: int, work: Path) -> list[torch.Tensor]:
     """Real tower outputs: merged features of the demo tower on generated photos (bf16)."""
     from merge_cli.config import MediaOptions
-    from merge_cli.media import decode_sample
-    from merge_cli.sources import collect_samples
-    from merge_cli.towers import load_tower
+    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.media.images import decode_sample
+    from merge_cli.models.towers import load_tower
 
     folder = make_jpegs(work / "photos", count, 480, 640)
     media = MediaOptions(ResizePolicy(size=(448, 448)))
@@ -288,7 +287,7 @@ def demo_outputs(count: int, work: Path) -> list[torch.Tensor]:
 
 
 def bench_compression(args, work: Path) -> list[dict]:
-    from merge_cli.store import ShardWriter
+    from merge_cli.output.store import ShardWriter
 
     outputs = demo_outputs(args.images, work)
     raw_bytes = sum(t.numel() * 2 for t in outputs)
@@ -324,8 +323,9 @@ def bench_compression(args, work: Path) -> list[dict]:
 
 def bench_reader(args, work: Path) -> dict:
     """Random access by key: open_features vs np.load of one .npy per sample, same data, warm cache."""
-    from merge_cli.reader import open_features
-    from merge_cli.store import ShardWriter, build_index
+    from merge_cli.output.index import build_index
+    from merge_cli.output.reader import open_features
+    from merge_cli.output.store import ShardWriter
 
     count, rows, dim = args.reader_samples, 256, 1024
     out = work / "r.h5"
@@ -404,8 +404,8 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20) -> 
 
 def bench_decode_only(args, folder: Path, media) -> float:
     """Images/s that `--workers` DataLoader processes decode and resize, with nothing else running."""
-    from merge_cli.pipeline import _decoded
-    from merge_cli.sources import collect_samples
+    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.run.pipeline import _decoded
 
     samples = collect_samples([folder]).samples
     started = time.perf_counter()

@@ -19,16 +19,20 @@ __all__ = [
 ]
 
 _LAZY = {
-    "SpatialMergeProjector": "merge_cli.merger",
-    "load_projector": "merge_cli.merger",
-    "merge_windows": "merge_cli.merger",
-    "open_features": "merge_cli.reader",
-    "FeatureDataset": "merge_cli.reader",
+    "SpatialMergeProjector": "merge_cli.models.merger",
+    "load_projector": "merge_cli.models.merger",
+    "merge_windows": "merge_cli.models.merger",
+    "open_features": "merge_cli.output.reader",
+    "FeatureDataset": "merge_cli.output.reader",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from merge_cli.merger import SpatialMergeProjector, load_projector, merge_windows
-    from merge_cli.reader import FeatureDataset, open_features
+    from merge_cli.models.merger import (
+        SpatialMergeProjector,
+        load_projector,
+        merge_windows,
+    )
+    from merge_cli.output.reader import FeatureDataset, open_features
 
 
 def __getattr__(name: str) -> Any:

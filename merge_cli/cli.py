@@ -119,7 +119,7 @@ def check_grid(
     Exit 0 when it already is a valid grid, 1 when it is not (the output still shows the resized
     size), 2 for unusable input.
     """
-    from merge_cli import grid
+    from merge_cli.media import grid
     from merge_cli.report import render_check_grid
 
     if tokens is not None:
@@ -149,13 +149,14 @@ def _describe_target(
     max_pixels: int | None,
     size: str | None,
 ) -> dict:
-    from merge_cli import grid
     from merge_cli.errors import MediaError, UsageError
+    from merge_cli.media import grid
 
     path = Path(target)
     source = "size"
     if path.exists() or not grid.looks_like_size(target):
-        from merge_cli.probe import media_kind, probe_media
+        from merge_cli.media.probe import probe_media
+        from merge_cli.records import media_kind
 
         if not path.exists():
             raise UsageError(f"{target!r} is neither a size HxW (e.g. 252x448) nor an existing file")
@@ -435,7 +436,7 @@ def extract_command(
     than the existing output), 2 for command-line syntax errors, 130 when interrupted.
     """
     from merge_cli.config import ExtractConfig, VideoOptions, parse_byte_size
-    from merge_cli.grid import parse_hw
+    from merge_cli.media.grid import parse_hw
 
     if resume and overwrite:
         fail("give either --resume or --overwrite, not both", 1, json_output)
@@ -510,8 +511,8 @@ def _torchrun_rank() -> int:
 
 
 def _run_extract(config, json_output: bool):
-    from merge_cli.pipeline import run_extract
-    from merge_cli.progress import make_reporter
+    from merge_cli.run.pipeline import run_extract
+    from merge_cli.run.progress import make_reporter
 
     try:
         return run_extract(config, make_reporter(json_output, rank=_torchrun_rank()))
@@ -533,7 +534,7 @@ def inspect_command(
     Exit 0 when the file is sound, 1 when an integrity problem was found, 2 when the file is not a
     merge-cli output, is damaged beyond reading, or --key names no sample.
     """
-    from merge_cli.inspection import inspect_features
+    from merge_cli.output.inspection import inspect_features
 
     report = run_core(lambda: inspect_features(path, key=key, check=check), json_output)
     if json_output:
@@ -552,7 +553,7 @@ def index_command(
 ) -> None:
     """Rebuild feats.h5 from whatever complete shards exist beside it (after a crash, or after
     separate --rank/--world-size jobs)."""
-    from merge_cli.store import build_index
+    from merge_cli.output.index import build_index
 
     summary = run_core(lambda: build_index(out), json_output)
     if json_output:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from merge_cli.errors import UsageError
-from merge_cli.grid import ResizePolicy
+from merge_cli.media.grid import ResizePolicy
 
 # Pillow's own default decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept explicit here.
 PILLOW_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)

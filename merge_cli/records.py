@@ -14,6 +14,33 @@ if TYPE_CHECKING:  # torch is only needed by those who hold tensors
 
 MediaKind = Literal["image", "video"]
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi"})
+
+def media_kind(path: Path | str) -> MediaKind | None:
+    """`image`, `video`, or None for an extension merge-cli does not read."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+
+
+def escape_text(text: str) -> str:
+    """Make `text` valid UTF-8: undecodable file-name bytes become backslash escapes.
+
+    On POSIX a file name is bytes; Python decodes the bytes that are not UTF-8 to lone surrogates
+    (`caf\\udce9.jpg`), which HDF5 and JSON cannot store. They are written as `\\xe9` instead,
+    so the key of the file named b"caf\\xe9.jpg" is the 12-character string `caf\\xe9.jpg`.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name (e.g. JSON "\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -116,7 +116,7 @@ def render_extract_summary(summary: dict, console: Console) -> None:
         console.print(errors)
 
 
-# -- inspect and index (merge_cli.inspection, merge_cli.index) ------------------------------------
+# -- inspect and index (merge_cli.output.inspection, merge_cli.output.index) ------------------------------------
 
 _PROVENANCE = (
     "tower", "tower_hash", "tower_is_demo", "projector", "projector_hash", "output", "layer", "patch_size",

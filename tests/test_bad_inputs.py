@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from media_factory import (
     make_audio_only,
     make_image,
@@ -18,11 +17,12 @@ from media_factory import (
     truncate,
     zero_video_data,
 )
+
 from merge_cli.config import MediaOptions
 from merge_cli.errors import MediaError
-from merge_cli.media import decode_sample, plan_sample
+from merge_cli.inputs.sources import collect_samples
+from merge_cli.media.images import decode_sample, plan_sample
 from merge_cli.records import Failure, Item
-from merge_cli.sources import collect_samples
 
 GOOD = ["good.jpg", "good.png", "good.mp4", "good.mkv", "caf\\xe9.jpg"]
 

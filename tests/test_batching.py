@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge_cli.batching import MAX_PENDING_BUDGETS, TokenBatcher, split_in_halves
 from merge_cli.records import Item
+from merge_cli.run.batching import MAX_PENDING_BUDGETS, TokenBatcher, split_in_halves
 
 
 def _item(key: str, frames: int, height: int, width: int) -> Item:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from media_factory import make_image, make_video
 
 

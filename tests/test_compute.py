@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
 from media_factory import make_image
-from merge_cli.compute import FeatureExtractor
-from merge_cli.merger import merge_windows
+
+from merge_cli.models.merger import merge_windows
+from merge_cli.models.towers import load_tower
 from merge_cli.records import Failure, Features, Item
-from merge_cli.towers import load_tower
+from merge_cli.run.compute import FeatureExtractor
 
 
 def _item(key: str, frames: int, height: int, width: int) -> Item:
@@ -81,7 +81,7 @@ def test_video_frames_are_merged_one_by_one():
     result = _extractor(demo).extract([item]).wait()[0]
     assert result.grid_thw == (3, 4, 6)
     assert tuple(result.tokens.shape) == (3, 6, 4 * demo.hidden_size)
-    from merge_cli.media import normalize
+    from merge_cli.media.images import normalize
 
     with torch.no_grad():
         features = demo([normalize(item.pixels, demo.image_mean, demo.image_std)])[0]
@@ -90,10 +90,10 @@ def test_video_frames_are_merged_one_by_one():
 
 
 def test_an_input_too_large_for_memory_becomes_an_error_record(cli, tmp_path, monkeypatch):
-    import merge_cli.towers
+    import merge_cli.models.towers
 
-    real_load = merge_cli.towers.load_tower
-    monkeypatch.setattr(merge_cli.towers, "load_tower", lambda *a, **k: MemoryLimitedTower(real_load(*a, **k), 500))
+    real_load = merge_cli.models.towers.load_tower
+    monkeypatch.setattr(merge_cli.models.towers, "load_tower", lambda *a, **k: MemoryLimitedTower(real_load(*a, **k), 500))
     make_image(tmp_path / "in" / "small.png", 112, 112)
     make_image(tmp_path / "in" / "big.png", 448, 448)  # 1,024 tokens
     result = cli("extract", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "f.h5"), "--device", "cpu", "--workers", "0", "--json")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from media_factory import make_image, make_video
-from merge_cli.distributed import DistContext, split_work
-from merge_cli.reader import open_features
+
+from merge_cli.output.reader import open_features
+from merge_cli.run.distributed import DistContext, split_work
 
 CPU_FP32 = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -168,8 +168,8 @@ def test_index_over_separate_rank_jobs(corpus, tmp_path):
 
 
 def test_progress_counts_add_up_across_ranks():
-    from merge_cli.distributed import StoreCounts
-    from merge_cli.progress import Reporter
+    from merge_cli.run.distributed import StoreCounts
+    from merge_cli.run.progress import Reporter
 
     store = torch.distributed.HashStore()  # the same add() as torchrun's TCP store, in process
     rank0 = Reporter(job=StoreCounts(store), sync_interval=0.0)

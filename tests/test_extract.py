@@ -19,14 +19,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from media_factory import make_image, make_video
+
 from merge_cli.config import ExtractConfig
-from merge_cli.media import decode_sample, normalize
-from merge_cli.merger import merge_windows
-from merge_cli.reader import open_features
-from merge_cli.sources import collect_samples
-from merge_cli.towers import load_tower
+from merge_cli.inputs.sources import collect_samples
+from merge_cli.media.images import decode_sample, normalize
+from merge_cli.models.merger import merge_windows
+from merge_cli.models.towers import load_tower
+from merge_cli.output.reader import open_features
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 CPU_FP32 = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
@@ -100,7 +100,7 @@ def test_merged_output_matches_direct_computation(cli, corpus, tmp_path):
 
 
 def test_projected_output_matches_direct_computation(cli, corpus, tmp_path):
-    from merge_cli.pipeline import random_projector
+    from merge_cli.run.pipeline import random_projector
 
     out = tmp_path / "feats.h5"
     result = _extract(cli, corpus, out, "--random-projector", "--llm-dim", "48")
@@ -119,7 +119,7 @@ def test_projected_output_matches_direct_computation(cli, corpus, tmp_path):
 def test_projector_checkpoint_and_refusals(cli, corpus, tmp_path):
     from safetensors.torch import save_file
 
-    from merge_cli.merger import SpatialMergeProjector
+    from merge_cli.models.merger import SpatialMergeProjector
 
     tower = load_tower("demo")
     projector = SpatialMergeProjector(llm_dim=24, vit_dim=tower.hidden_size)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_cli.compute import FeatureExtractor
+from merge_cli.models.towers import load_tower
 from merge_cli.records import Item
-from merge_cli.towers import load_tower
+from merge_cli.run.compute import FeatureExtractor
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from merge_cli.errors import GridError, UsageError
-from merge_cli.grid import (
+from merge_cli.media.grid import (
     ResizePolicy,
     describe_size,
     grid_problem,

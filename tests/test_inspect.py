@@ -8,11 +8,13 @@ import os
 import h5py
 import numpy as np
 import pytest
-
 from feature_factory import attrs, failure, features
+
 from merge_cli.errors import FormatError
-from merge_cli.inspection import inspect_features
-from merge_cli.store import ShardWriter, build_index, list_shards, shard_dir
+from merge_cli.output.format import list_shards, shard_dir
+from merge_cli.output.index import build_index
+from merge_cli.output.inspection import inspect_features
+from merge_cli.output.store import ShardWriter
 
 REPORT_KEYS = {
     "path", "role", "format", "format_version", "dtype", "token_dim", "attrs", "shards", "counts", "grids",

@@ -7,12 +7,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from media_factory import exif_orientation, make_gif, make_image, save_array
 from PIL import Image
 
-from media_factory import exif_orientation, make_gif, make_image, save_array
 from merge_cli.config import MediaOptions
-from merge_cli.grid import ResizePolicy
-from merge_cli.media import decode_sample, normalize, plan_sample
+from merge_cli.media.grid import ResizePolicy
+from merge_cli.media.images import decode_sample, normalize, plan_sample
 from merge_cli.records import Failure, Item, Sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from merge_cli.errors import CheckpointError, GridError
-from merge_cli.merger import PROJECTOR_KEYS, SpatialMergeProjector, load_projector, merge_windows
+from merge_cli.models.merger import (
+    PROJECTOR_KEYS,
+    SpatialMergeProjector,
+    load_projector,
+    merge_windows,
+)
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 against a plain-loop reference
 

@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from feature_factory import attrs, bits, failure, features
 from torch.utils.data import DataLoader
 
-from feature_factory import attrs, bits, failure, features
 from merge_cli.errors import FormatError
-from merge_cli.reader import FeatureDataset, FeatureFile, FeatureSample
-from merge_cli.store import ShardWriter, build_index, list_shards
+from merge_cli.output.format import list_shards
+from merge_cli.output.index import build_index
+from merge_cli.output.reader import FeatureDataset, FeatureFile, FeatureSample
+from merge_cli.output.store import ShardWriter
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def output(tmp_path):
 def test_public_api_is_importable_from_the_package():
     import merge_cli
 
-    assert merge_cli.open_features.__module__ == "merge_cli.reader"
+    assert merge_cli.open_features.__module__ == "merge_cli.output.reader"
     assert merge_cli.FeatureDataset is FeatureDataset
 
 

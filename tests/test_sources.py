@@ -10,9 +10,9 @@ import pytest
 
 from merge_cli.config import MediaOptions
 from merge_cli.errors import UsageError
-from merge_cli.media import decode_sample
-from merge_cli.records import Failure, Item, Sample
-from merge_cli.sources import collect_samples, escape_text
+from merge_cli.inputs.sources import collect_samples
+from merge_cli.media.images import decode_sample
+from merge_cli.records import Failure, Item, Sample, escape_text
 
 
 def touch(path: Path, content: bytes = b"x") -> Path:

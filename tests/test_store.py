@@ -16,20 +16,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from feature_factory import attrs, bits, failure, features
+
 from merge_cli.errors import FormatError, UsageError
-from merge_cli.reader import open_features
-from merge_cli.store import (
-    ShardWriter,
-    _OpenShard,
-    build_index,
-    decode_attrs,
-    list_shards,
-    remove_output,
-    scan_existing,
-    shard_dir,
-)
+from merge_cli.output.format import decode_attrs, list_shards, shard_dir
+from merge_cli.output.index import build_index
+from merge_cli.output.reader import open_features
+from merge_cli.output.store import ShardWriter, _OpenShard, remove_output, scan_existing
 
 
 def write(out: Path, records, **options) -> ShardWriter:
@@ -277,7 +270,7 @@ def test_kill_9_leaves_every_renamed_shard_readable(tmp_path):
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from feature_factory import attrs, features
-        from merge_cli.store import ShardWriter
+        from merge_cli.output.store import ShardWriter
         writer = ShardWriter({str(out)!r}, attrs(), shard_bytes=30_000)
         i = 0
         while True:

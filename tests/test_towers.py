@@ -11,12 +11,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tower_factory import (
+    onevision_config,
+    onevision_shapes,
+    pixels,
+    random_onevision_state,
+    save_onevision,
+)
 
 from merge_cli.errors import CheckpointError, GridError, UsageError
 from merge_cli.hashing import hash_state_dict
-from merge_cli.towers import Tower, load_tower
-from merge_cli.towers.demo import DEMO_CONFIG, demo_state_dict
-from merge_cli.towers.onevision import (
+from merge_cli.models.towers import Tower, load_tower
+from merge_cli.models.towers.demo import DEMO_CONFIG, demo_state_dict
+from merge_cli.models.towers.onevision import (
     AttentionGroup,
     OneVisionConfig,
     OneVisionLayer,
@@ -24,13 +31,6 @@ from merge_cli.towers.onevision import (
     apply_rotary,
     rotary_angles,
     rotate_pairs,
-)
-from tower_factory import (
-    onevision_config,
-    onevision_shapes,
-    pixels,
-    random_onevision_state,
-    save_onevision,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -476,7 +476,7 @@ def test_demo_weights_are_bit_identical_across_processes():
     here = hash_state_dict(demo_state_dict())
     code = (
         "from merge_cli.hashing import hash_state_dict\n"
-        "from merge_cli.towers.demo import demo_state_dict\n"
+        "from merge_cli.models.towers.demo import demo_state_dict\n"
         "print(hash_state_dict(demo_state_dict()))\n"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -12,10 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
 
-from merge_cli.errors import CheckpointError, GridError  # noqa: E402
-from merge_cli.merger import SpatialMergeProjector  # noqa: E402
-from merge_cli.towers import load_tower  # noqa: E402
 from tower_factory import pixels, save_hf  # noqa: E402
+
+from merge_cli.errors import CheckpointError, GridError  # noqa: E402
+from merge_cli.models.merger import SpatialMergeProjector  # noqa: E402
+from merge_cli.models.towers import load_tower  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14)
 TINY_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
@@ -66,7 +67,9 @@ def test_siglip_full_checkpoint_loads_its_vision_tower(tmp_path):
 
 
 def test_siglip2_naflex_equals_transformers_with_processor_patches(tmp_path):
-    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        convert_image_to_patches,
+    )
 
     config = transformers.Siglip2VisionConfig(**TINY_VIT, num_patches=16)
     model = transformers.Siglip2VisionModel(config).eval()
@@ -201,12 +204,14 @@ def qwen_grid(sample, p: int = 14, tps: int = 2):
 
 
 def test_qwen_patch_layout_is_the_image_processors(tmp_path):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     image = pixels(1, 56, 84)
     want, grid_h, grid_w = Qwen2VLImageProcessorPil().patchify(image[0].numpy(), 14, 2, 2)
     assert (grid_h, grid_w) == (4, 6)
-    from merge_cli.towers.qwen2_vl import qwen_patches
+    from merge_cli.models.towers.qwen2_vl import qwen_patches
 
     assert torch.equal(qwen_patches(image, 14, 2, 2), torch.from_numpy(want))
     assert torch.equal(qwen_patches(image, 14, 2, 2), qwen_reference_patches(image))
@@ -217,7 +222,9 @@ def test_qwen_patch_layout_is_the_image_processors(tmp_path):
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_qwen2_vl_returns_raster_tokens_equal_to_transformers(tmp_path, layer):
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
 
     model = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**QWEN_VISION)).eval()
     tower = load_tower(str(save_hf(model, tmp_path / "qwen2-vl-vision")), layer=layer)
@@ -264,8 +271,12 @@ def test_qwen2_vl_full_checkpoint_reads_the_visual_tower(tmp_path):
 
 @pytest.mark.parametrize("layer", [-1, 1, 0])
 def test_qwen2_5_vl_undoes_its_window_permutation(tmp_path, layer):
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+        Qwen2_5_VLVisionConfig,
+    )
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
 
     model = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**QWEN25_VISION)).eval()
     tower = load_tower(str(save_hf(model, tmp_path / "qwen25-vision")), layer=layer)
@@ -291,7 +302,9 @@ def test_qwen2_5_vl_undoes_its_window_permutation(tmp_path, layer):
 
 def test_qwen_needs_whole_merge_windows(tmp_path):
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
 
     model = Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**QWEN_VISION))
     tower = load_tower(str(save_hf(model, tmp_path / "qwen2-vl-vision")))
@@ -302,7 +315,9 @@ def test_qwen_needs_whole_merge_windows(tmp_path):
 def test_qwen_missing_visual_weight_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
 
     folder = save_hf(Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig(**QWEN_VISION)), tmp_path / "q")
     state = load_file(str(folder / "model.safetensors"))

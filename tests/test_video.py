@@ -10,14 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from media_factory import frame_level, make_gif, make_video
-from merge_cli import video
+
 from merge_cli.config import MediaOptions, VideoOptions
-from merge_cli.grid import ResizePolicy
-from merge_cli.media import decode_sample, plan_sample, video_frame_policy
+from merge_cli.media import video
+from merge_cli.media.grid import ResizePolicy
+from merge_cli.media.images import decode_sample, plan_sample, video_frame_policy
+from merge_cli.media.video import sample_frame_indices
 from merge_cli.records import Failure, Item, Sample
-from merge_cli.video import sample_frame_indices
 
 # --- sample_frame_indices: examples ---------------------------------------------------------------
 

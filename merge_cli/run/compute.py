@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_cli.batching import split_in_halves
-from merge_cli.media import normalize
-from merge_cli.merger import SpatialMergeProjector, merge_windows
+from merge_cli.media.images import normalize
+from merge_cli.models.merger import SpatialMergeProjector, merge_windows
 from merge_cli.records import Failure, Features, Item
+from merge_cli.run.batching import split_in_halves
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

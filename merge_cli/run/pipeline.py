@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 
 from merge_cli import __version__
-from merge_cli.batching import TokenBatcher
-from merge_cli.compute import FeatureExtractor, PendingOutput, resolve_device
 from merge_cli.config import ExtractConfig, MediaOptions
-from merge_cli.distributed import DistContext, split_work
 from merge_cli.errors import ConfigMismatchError, MediaError
 from merge_cli.hashing import hash_json
-from merge_cli.media import decode_sample, plan_sample
-from merge_cli.merger import SpatialMergeProjector, load_projector_with_hash
-from merge_cli.progress import Reporter
+from merge_cli.media.images import decode_sample, plan_sample
+from merge_cli.models.merger import SpatialMergeProjector, load_projector_with_hash
 from merge_cli.records import Failure, Features, Item, Sample
+from merge_cli.run.batching import TokenBatcher
+from merge_cli.run.compute import FeatureExtractor, PendingOutput, resolve_device
+from merge_cli.run.distributed import DistContext, split_work
+from merge_cli.run.progress import Reporter
 
 RANDOM_PROJECTOR_SEED = 1234
 FAILURE_PREVIEW = 5
@@ -98,8 +98,9 @@ class RunSummary:
 
 def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunSummary:
     """Run `merge-cli extract`; raises MergeCliError subclasses for runs that cannot start."""
-    from merge_cli import store
-    from merge_cli.sources import collect_samples
+    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.output import store
+    from merge_cli.output.index import build_index
 
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -115,7 +116,7 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     media = config.media_options(tower.patch_size)
     attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
     if tower.is_demo:
-        from merge_cli.towers.demo import DEMO_WARNING
+        from merge_cli.models.towers.demo import DEMO_WARNING
 
         reporter.warn(DEMO_WARNING)
     if config.projector and models.projector is None:
@@ -171,7 +172,7 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
         _extract_loop(config, media, mine, failures, extractor, writer, reporter, summary)
     except KeyboardInterrupt:
         if not dist.connected:  # make what was finished readable through feats.h5 right away
-            store.build_index(out, attrs=attrs)
+            build_index(out, attrs=attrs)
         raise
     finally:
         reporter.finish()
@@ -182,7 +183,7 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
 
 def build_models(config: ExtractConfig) -> Models:
     """Load the tower (and projector) once per process, on the CPU; the extractor moves them."""
-    from merge_cli.towers import load_tower
+    from merge_cli.models.towers import load_tower
 
     tower = load_tower(config.tower, layer=config.layer, trust_remote_code=config.trust_remote_code)
     if config.output_kind == "merged":
@@ -285,7 +286,7 @@ def _plan_work(
     other and start at different times, so they split *all* samples the same way and each skips
     its own done keys: the union over ranks always covers everything.
     """
-    from merge_cli import store
+    from merge_cli.output import store
 
     if config.resume == "overwrite":
         if dist.is_main:
@@ -516,14 +517,14 @@ def _extract_loop(
 
 def _finish(out: Path, attrs: dict, dist: DistContext, summary: RunSummary, reporter: Reporter) -> RunSummary:
     """Wait for every rank, merge their summaries, and (rank 0) write the index."""
-    from merge_cli import store
+    from merge_cli.output.index import build_index
 
     summary.warnings = list(reporter.warnings)
     dist.barrier()
     if dist.connected:
         summary = merge_summaries([s for s in dist.gather(summary)])  # type: ignore[misc]
     if dist.is_main or not dist.connected:  # ranks started by hand each index what exists so far
-        store.build_index(out, attrs=attrs)
+        build_index(out, attrs=attrs)
     dist.barrier()
     return summary
 

@@ -1,6 +1,6 @@
 """What every tower loader shares: the folder's JSON files, the layer index, the weight check, the hash.
 
-Private to `merge_cli.towers`; no transformers here.
+Private to `merge_cli.models.towers`; no transformers here.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from merge_cli.checkpoints import read_tensors
 from merge_cli.errors import CheckpointError, UsageError
 from merge_cli.hashing import hash_json, hash_state_dict
+from merge_cli.models.checkpoints import read_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 
 from merge_cli.errors import FormatError
-from merge_cli.reader import FeatureFile, open_features
-from merge_cli.store import first_line, list_shards, list_temporaries, read_strings
+from merge_cli.output.format import (
+    first_line,
+    list_shards,
+    list_temporaries,
+    read_strings,
+)
+from merge_cli.output.reader import FeatureFile, open_features
 
 TOP_GRIDS = 10
 FIRST_ERRORS = 10

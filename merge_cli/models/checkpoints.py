@@ -60,8 +60,7 @@ def _read_file(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:

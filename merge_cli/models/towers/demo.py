@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from merge_cli.towers._common import CLIP_MEAN, CLIP_STD
-from merge_cli.towers.onevision import OneVisionConfig, OneVisionTower
+from merge_cli.models.towers._common import CLIP_MEAN, CLIP_STD
+from merge_cli.models.towers.onevision import OneVisionConfig, OneVisionTower
 
 DEMO_SEED = 20250611
 DEMO_WEIGHT_STD = 0.02

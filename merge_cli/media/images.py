@@ -24,19 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merge_cli import video
 from merge_cli.config import MediaOptions
 from merge_cli.errors import GridError, MediaError
-from merge_cli.grid import ResizePolicy, patch_grid
-from merge_cli.probe import (
-    IMAGE_EXTENSIONS,
+from merge_cli.media import video
+from merge_cli.media.grid import ResizePolicy, patch_grid
+from merge_cli.media.probe import (
     image_orientation,
     pillow_limit_lifted,
     probe_video,
     transposes,
 )
-from merge_cli.records import Failure, Item, Sample
-from merge_cli.sources import escape_text
+from merge_cli.records import IMAGE_EXTENSIONS, Failure, Item, Sample, escape_text
 
 # Pillow modes holding 16-bit samples; Pillow's own convert("RGB") clips them at 255 instead of scaling.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})

@@ -16,8 +16,13 @@ from typing import Any
 import torch
 
 from merge_cli.errors import CheckpointError
-from merge_cli.towers import Tower
-from merge_cli.towers._common import read_normalization, refuse_weight_problems, resolve_layer, tower_hash
+from merge_cli.models.towers import Tower
+from merge_cli.models.towers._common import (
+    read_normalization,
+    refuse_weight_problems,
+    resolve_layer,
+    tower_hash,
+)
 
 # config.json keys that say nothing about the function the model computes.
 _NOT_FUNCTION_KEYS = frozenset(

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from merge_cli.errors import UsageError
-from merge_cli.probe import media_kind
-from merge_cli.records import Failure, MediaKind, Sample
+from merge_cli.records import Failure, MediaKind, Sample, escape_text, media_kind
 
 MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".json"})
 RECORD_FIELDS = ("path", "image", "video")
@@ -78,19 +77,6 @@ def collect_samples(
                 f"--input {raw}: not a folder, an image or video file, or a manifest (.txt, .jsonl, .json)"
             )
     return SampleSet(collector.samples, collector.failures, collector.ignored)
-
-
-def escape_text(text: str) -> str:
-    """Make `text` valid UTF-8: undecodable file-name bytes become backslash escapes.
-
-    On POSIX a file name is bytes; Python decodes the bytes that are not UTF-8 to lone surrogates
-    (`caf\\udce9.jpg`), which HDF5 and JSON cannot store. They are written as `\\xe9` instead,
-    so the key of the file named b"caf\\xe9.jpg" is the 12-character string `caf\\xe9.jpg`.
-    """
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that did not come from a file name (e.g. JSON "\ud800")
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def key_for(path: Path, root: Path) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from merge_cli.towers._common import SIGLIP_MEAN, SIGLIP_STD, resolve_layer
-from merge_cli.towers._hf import (
+from merge_cli.models.towers._common import SIGLIP_MEAN, SIGLIP_STD, resolve_layer
+from merge_cli.models.towers._hf import (
     ImageTower,
     keep_blocks,
     load_pretrained,

@@ -16,31 +16,27 @@ import h5py
 import numpy as np
 
 from merge_cli.errors import FormatError
-from merge_cli.store import (
+from merge_cli.output.format import (
     DTYPE_NAMES,
     ERROR_FIELDS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FRAME_COLUMNS,
     LIBVER,
     NUMPY_DTYPES,
+    SAMPLE_COLUMNS,
     SHARD_ATTRS,
     STRING,
-    object_array,
     decode_attrs,
     encode_attrs,
     failures_columns,
     index_temporary,
     list_shards,
+    object_array,
     open_h5,
     read_strings,
     write_columns,
 )
-
-NUMERIC_COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "frame_offsets", "frame_lengths")
-SAMPLE_COLUMNS = ("keys", *NUMERIC_COLUMNS, "kind", "decoder")
-"""Per-sample datasets (first axis = sample), in every shard and in the index."""
-FRAME_COLUMNS = ("frame_indices", "frame_times")
-"""Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
 
 
 @dataclass

@@ -19,8 +19,19 @@ from typing import Any
 import torch
 
 from merge_cli.errors import CheckpointError
-from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, resolve_layer
-from merge_cli.towers._hf import ImageTower, hf_tower_hash, load_pretrained, read_hf_config, transformers_classes
+from merge_cli.models.towers._common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    read_normalization,
+    resolve_layer,
+)
+from merge_cli.models.towers._hf import (
+    ImageTower,
+    hf_tower_hash,
+    load_pretrained,
+    read_hf_config,
+    transformers_classes,
+)
 
 
 def _setting(config: Any, name: str, folder: Path) -> int:

@@ -133,7 +133,7 @@ def load_tower(spec: str = DEMO_SPEC, *, layer: int = -1, trust_remote_code: boo
     for a `layer` the tower does not have.
     """
     if spec == DEMO_SPEC:
-        from merge_cli.towers.demo import load_demo
+        from merge_cli.models.towers.demo import load_demo
 
         return load_demo(layer=layer)
     folder = Path(spec).expanduser()
@@ -143,7 +143,7 @@ def load_tower(spec: str = DEMO_SPEC, *, layer: int = -1, trust_remote_code: boo
         raise CheckpointError(
             f"--tower {spec} is a file; give the model folder that holds config.json and the weights"
         )
-    from merge_cli.towers._common import read_model_config
+    from merge_cli.models.towers._common import read_model_config
 
     config = read_model_config(folder)
     model_type = config["model_type"]
@@ -153,7 +153,7 @@ def load_tower(spec: str = DEMO_SPEC, *, layer: int = -1, trust_remote_code: boo
             module_name = "remote"
         else:
             raise CheckpointError(_unknown_model_type(folder, model_type, config))
-    module = importlib.import_module(f"merge_cli.towers.{module_name}")
+    module = importlib.import_module(f"merge_cli.models.towers.{module_name}")
     return module.load(folder, config, layer=layer, trust_remote_code=trust_remote_code)
 
 

@@ -22,9 +22,15 @@ from pathlib import Path
 import torch
 
 from merge_cli.errors import CheckpointError
-from merge_cli.towers import Tower
-from merge_cli.towers._common import CLIP_MEAN, CLIP_STD, read_normalization, read_prefixed_tensors, resolve_layer
-from merge_cli.towers._hf import (
+from merge_cli.models.towers import Tower
+from merge_cli.models.towers._common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    read_normalization,
+    read_prefixed_tensors,
+    resolve_layer,
+)
+from merge_cli.models.towers._hf import (
     hf_tower_hash,
     keep_blocks,
     load_pretrained,

@@ -13,23 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merge_cli.errors import MediaError
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi"})
+from merge_cli.records import media_kind
 
 # EXIF orientations 5..8 rotate by 90 degrees: the displayed image has height and width swapped.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION_TAG = 0x0112
-
-
-def media_kind(path: Path | str) -> str | None:
-    """`image`, `video`, or None for an extension merge-cli does not read."""
-    suffix = Path(path).suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return "image"
-    if suffix in VIDEO_EXTENSIONS:
-        return "video"
-    return None
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,7 @@ def pillow_limit_lifted() -> Iterator[None]:
     """Switch off Pillow's global decompression-bomb check (`Image.MAX_IMAGE_PIXELS`) inside.
 
     merge-cli applies its own explicit, configurable limit from the header instead (see
-    `media.py`), which Pillow's global could otherwise undercut. Reference-counted under a lock, so
+    `images.py`), which Pillow's global could otherwise undercut. Reference-counted under a lock, so
     that threads probing at once (cost estimates) restore Pillow's value exactly once, at the end.
     """
     from PIL import Image

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge_cli.checkpoints import read_tensors
 from merge_cli.errors import CheckpointError
-from merge_cli.towers import Tower
-from merge_cli.towers._common import (
+from merge_cli.models.checkpoints import read_tensors
+from merge_cli.models.towers import Tower
+from merge_cli.models.towers._common import (
     CLIP_MEAN,
     CLIP_STD,
     check_tensors,

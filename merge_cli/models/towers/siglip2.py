@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from merge_cli.towers._common import resolve_layer
-from merge_cli.towers._hf import (
+from merge_cli.models.towers._common import resolve_layer
+from merge_cli.models.towers._hf import (
     load_pretrained,
     read_hf_config,
     sub_config,
     transformers_classes,
 )
-from merge_cli.towers.siglip import FOREIGN, SiglipTower
+from merge_cli.models.towers.siglip import FOREIGN, SiglipTower
 
 
 def naflex_patches(frames: torch.Tensor, patch_size: int) -> torch.Tensor:

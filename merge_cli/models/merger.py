@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from merge_cli.checkpoints import read_tensors
 from merge_cli.errors import CheckpointError, GridError
-from merge_cli.grid import DEFAULT_MERGE_SIZE, infer_hw
 from merge_cli.hashing import hash_state_dict
+from merge_cli.media.grid import DEFAULT_MERGE_SIZE, infer_hw
+from merge_cli.models.checkpoints import read_tensors
 
 PROJECTOR_KEYS = ("ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 

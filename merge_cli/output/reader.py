@@ -26,17 +26,17 @@ import numpy as np
 import torch
 
 from merge_cli.errors import FormatError
-from merge_cli.records import Failure
-from merge_cli.store import (
+from merge_cli.output.format import (
     ERROR_FIELDS,
     NUMPY_DTYPES,
-    first_line,
     decode_attrs,
+    first_line,
     numpy_to_tokens,
     open_h5,
     plain_value,
     read_strings,
 )
+from merge_cli.records import Failure
 
 COMPRESSED_CACHE_BYTES = 4 * 1024 * 1024
 """Chunk cache for compressed shards: a few ~1 MiB chunks, so that reading samples in order

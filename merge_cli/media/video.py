@@ -3,7 +3,7 @@
 decord reads first: it decodes only the sampled frames (`get_batch` on their indices). PyAV is the
 fallback for files decord cannot open or read (and for paths decord cannot take, such as non-UTF-8
 names): it seeks to the keyframe before each far-away frame and decodes forward, matching frames
-by their presentation timestamps. `media.py` resizes what they return.
+by their presentation timestamps. `images.py` resizes what they return.
 
 Frame timestamps are `index / fps` for both decoders, so that a record does not depend on which one
 read the file.
@@ -77,7 +77,7 @@ def promised_frames(path: Path) -> int | None:
     """
     import av
 
-    from merge_cli.probe import header_frame_count
+    from merge_cli.media.probe import header_frame_count
 
     try:
         with av.open(str(path)) as container:

@@ -1,0 +1,1 @@
+"""Where samples come from: folders and manifests (later: work units, WebDataset tars, Parquet)."""

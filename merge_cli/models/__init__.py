@@ -1,0 +1,1 @@
+"""The models: vision towers behind one interface, the SpatialMergeProjector, checkpoint reading."""

@@ -1,0 +1,1 @@
+"""The output side of the file: the on-disk contract, shard writer, index, reader and inspection."""

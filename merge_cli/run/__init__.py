@@ -1,0 +1,1 @@
+"""The extract loop: pipeline, token-budget batching, device compute, ranks and progress."""
