@@ -101,7 +101,9 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     from merge_cli.inputs.sources import collect_samples
     from merge_cli.output import store
     from merge_cli.output.index import build_index
+    from merge_cli.output.preflight import check_output_location
 
+    check_output_location(config.out)  # first: a bad --out fails before any model or media work
     reporter = reporter or Reporter()
     started = time.perf_counter()
     dist = DistContext.detect(config.rank, config.world_size)

@@ -1,0 +1,108 @@
+"""Rough edges a new user hits (issue 13): bad output locations, slips of the tongue, readable
+refusals. Each test drives the CLI the way a user would and checks the one line they get."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from media_factory import make_image
+
+CPU = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    root = tmp_path / "media"
+    make_image(root / "a.jpg", 60, 80)
+    make_image(root / "b.png", 90, 70)
+    return root
+
+
+def _one_error_line(result) -> str:
+    """The whole of stderr must be one `merge-cli: error:` line (no traceback, no progress)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("merge-cli: error: "), lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# -- item 1: the output location is checked before any model or media work ----------------------
+
+
+def test_out_under_a_file_is_one_line_before_the_tower_loads(cli, media, tmp_path):
+    blocker = tmp_path / "list.txt"
+    blocker.write_text("not a folder\n")
+    # A tower that does not exist: if the output were not checked first, this would be the error.
+    result = cli("extract", "--input", str(media), "--out", str(blocker / "x.h5"), "--tower", str(tmp_path / "none"), *CPU)
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert f"{blocker} is a file, not a folder" in line
+
+
+def test_shard_folder_name_taken_by_a_file(cli, media, tmp_path):
+    out = tmp_path / "feats.h5"
+    Path(f"{out}.d").write_text("in the way\n")
+    result = cli("extract", "--input", str(media), "--out", str(out), *CPU)
+    assert result.exit_code == 1
+    assert "feats.h5.d exists and is not a folder" in _one_error_line(result)
+    assert not out.exists()
+
+
+def test_out_that_is_a_folder(cli, media, tmp_path):
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path), *CPU)
+    assert result.exit_code == 1
+    assert "is a folder; give a file name inside it" in _one_error_line(result)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_out_in_a_read_only_folder(cli, media, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = cli("extract", "--input", str(media), "--out", str(locked / "feats.h5"), *CPU)
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1
+    assert "cannot create files in" in _one_error_line(result)
+
+
+def test_unwritable_folder_found_by_trying(media, tmp_path, monkeypatch):
+    """The writability check creates a file rather than asking os.access (which lies to root)."""
+    import tempfile
+
+    from merge_cli.errors import UsageError
+    from merge_cli.output.preflight import check_output_location
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(UsageError, match=r"cannot create files in .* \(Read-only file system\)"):
+        check_output_location(tmp_path / "deeper" / "feats.h5")
+
+
+def test_no_free_space(cli, media, tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return usage._replace(free=10 * 2**20)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path / "new" / "feats.h5"), *CPU)
+    assert result.exit_code == 1
+    assert "MB free in" in _one_error_line(result)
+    assert not (tmp_path / "new").exists()
+
+
+def test_missing_parent_folders_are_fine(cli, media, tmp_path):
+    out = tmp_path / "a" / "b" / "feats.h5"
+    result = cli("extract", "--input", str(media), "--out", str(out), *CPU, "--json")
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
