@@ -182,9 +182,13 @@ def _describe_target(
     return report
 
 
-class OutputKind(str, Enum):
-    projected = "projected"
-    merged = "merged"
+def _output_kind(value: Optional[str]) -> Optional[str]:
+    """--output takes projected or merged; a file name there is a slip for --out, so say so."""
+    kinds = ("projected", "merged")
+    if value is None or value in kinds:
+        return value
+    hint = f"; did you mean --out {value}?" if any(c in value for c in "./\\") else ""
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(kinds)}{hint}")
 
 
 class Dtype(str, Enum):
@@ -289,8 +293,10 @@ def extract_command(
         ),
     ] = False,
     output: Annotated[
-        Optional[OutputKind],
+        Optional[str],
         typer.Option(
+            metavar="[projected|merged]",
+            callback=_output_kind,
             help="projected (default with a projector) or merged 4C tower features (default without).",
             rich_help_panel=_OUTPUT,
             show_default=False,
@@ -470,7 +476,7 @@ def extract_command(
             projector_eps=projector_eps,
             random_projector=random_projector,
             llm_dim=llm_dim,
-            output=output.value if output else None,
+            output=output,
             device=device,
             dtype=dtype.value if dtype else None,
             store_dtype=store_dtype.value if store_dtype else None,

@@ -106,3 +106,19 @@ def test_missing_parent_folders_are_fine(cli, media, tmp_path):
     result = cli("extract", "--input", str(media), "--out", str(out), *CPU, "--json")
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+# -- item 8: --output is a slip for --out ----------------------------------------------------------
+
+
+def test_output_with_a_file_name_suggests_out(cli, media, tmp_path):
+    result = cli("extract", "--input", str(media), "--output", "feats.h5", *CPU)
+    assert result.exit_code == 2
+    assert "did you mean --out feats.h5?" in " ".join(result.output.split())
+
+
+def test_output_kinds_still_work(cli, media, tmp_path):
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path / "f.h5"), "--output", "merged", *CPU, "--json")
+    assert result.exit_code == 0, result.output
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path / "g.h5"), "--output", "bogus", *CPU)
+    assert result.exit_code == 2 and "did you mean" not in result.output
