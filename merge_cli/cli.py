@@ -531,18 +531,44 @@ def inspect_command(
     path: Annotated[
         Path, typer.Argument(help="A merge-cli output (feats.h5) or one of its shards.", show_default=False)
     ],
-    key: Annotated[Optional[str], typer.Option(help="Show one sample in detail.", show_default=False)] = None,
+    key: Annotated[Optional[str], typer.Option(help="Show this one sample only.", show_default=False)] = None,
+    failures: Annotated[
+        bool,
+        typer.Option(
+            "--failures", help="List every error record, one per line: key, stage, type: message (tab-separated)."
+        ),
+    ] = False,
     check: Annotated[bool, typer.Option("--check", help="Also scan every token for NaN/Inf (reads all data).")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print only JSON.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print only JSON (with --failures: one JSON object per line).")
+    ] = False,
 ) -> None:
     """What is in a features file, and is it sound?
 
     Exit 0 when the file is sound, 1 when an integrity problem was found, 2 when the file is not a
     merge-cli output, is damaged beyond reading, or --key names no sample.
     """
-    from merge_cli.output.inspection import inspect_features
+    from merge_cli.output.inspection import (
+        inspect_features,
+        inspect_sample,
+        iter_failures,
+    )
 
-    report = run_core(lambda: inspect_features(path, key=key, check=check), json_output)
+    if sum((key is not None, failures, check)) > 1:
+        fail("give at most one of --key, --failures and --check", 2, json_output)
+    if key is not None:
+        sample = run_core(lambda: inspect_sample(path, key), json_output)
+        if json_output:
+            print_json(sample)
+        else:
+            from merge_cli.report import render_sample
+
+            render_sample(sample, _stdout_console())
+        raise typer.Exit(0)
+    if failures:
+        run_core(lambda: _print_failures(iter_failures(path), json_output), json_output)
+        raise typer.Exit(0)
+    report = run_core(lambda: inspect_features(path, check=check), json_output)
     if json_output:
         print_json(report)
     else:
@@ -550,6 +576,16 @@ def inspect_command(
 
         render_inspect(report, _stdout_console())
     raise typer.Exit(1 if report.get("problems") else 0)
+
+
+def _print_failures(records, json_output: bool) -> None:
+    """One line per error record, streamed: JSON objects, or tab-separated fields for cut/awk."""
+    for record in records:
+        if json_output:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            fields = (record["key"], record["stage"], f"{record['type']}: {record['message']}")
+            print("\t".join(str(field).replace("\t", "\\t").replace("\n", "\\n") for field in fields))
 
 
 @app.command("index")

@@ -107,8 +107,11 @@ def render_extract_summary(summary: dict, console: Console) -> None:
     table.add_row("tower", f"{tower}, output {summary['output']}, stored as {summary['store_dtype']}")
     console.print(table)
     if summary["failures"]:
-        errors = Table(title=f"first {len(summary['failures'])} of {summary['failed']} failures "
-                       f"(all are in the output: merge-cli inspect {summary['out']})", title_justify="left")
+        shown, failed = len(summary["failures"]), summary["failed"]
+        title = f"{failed} failure" + ("" if failed == 1 else "s")
+        if shown < failed:
+            title = f"first {shown} of {title} (all: merge-cli inspect {summary['out']} --failures)"
+        errors = Table(title=title, title_justify="left")
         for column in ("key", "stage", "type", "message"):
             errors.add_column(column, overflow="fold")
         for failure in summary["failures"]:
@@ -212,7 +215,9 @@ def render_inspect(report: dict, console: Console) -> None:
 
     if report["errors"]:
         shown = len(report["errors"])
-        title = f"errors ({counts['errors']:,}" + (f", first {shown})" if shown < counts["errors"] else ")")
+        title = f"errors ({counts['errors']:,}" + (
+            f", first {shown}; all with: merge-cli inspect {report['path']} --failures)" if shown < counts["errors"] else ")"
+        )
         table = Table(title=title, title_justify="left")
         for column in ("key", "stage", "type", "message"):
             table.add_column(column, overflow="fold")
@@ -221,7 +226,7 @@ def render_inspect(report: dict, console: Console) -> None:
         console.print(table)
 
     if report.get("sample"):
-        _render_sample(report["sample"], console)
+        render_sample(report["sample"], console)
 
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")
@@ -233,7 +238,8 @@ def render_inspect(report: dict, console: Console) -> None:
         console.print(f"[green]no integrity problems found[/]{checked}")
 
 
-def _render_sample(sample: dict, console: Console) -> None:
+def render_sample(sample: dict, console: Console) -> None:
+    """`inspect --key`: one sample's grid, shape, sizes, frames, storage and value statistics."""
     from rich.markup import escape
 
     table = Table(title=f"sample {escape(sample['key'])}", title_justify="left", show_header=False, box=None,

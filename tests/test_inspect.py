@@ -18,7 +18,7 @@ from merge_cli.output.store import ShardWriter
 
 REPORT_KEYS = {
     "path", "role", "format", "format_version", "dtype", "token_dim", "attrs", "shards", "counts", "grids",
-    "token_stats", "errors", "error_types", "checked", "problems", "notes", "sample",
+    "token_stats", "errors", "errors_left_out", "error_types", "checked", "problems", "notes", "sample",
 }
 
 
@@ -75,7 +75,7 @@ def test_key_shows_one_sample(cli, output):
     record = records["m/07"]
     result = cli("inspect", str(out), "--key", "m/07", "--json")
     assert result.exit_code == 0, result.output
-    sample = json.loads(result.stdout)["sample"]
+    sample = json.loads(result.stdout)  # the sample alone, not the whole report
     assert sample["key"] == "m/07" and sample["kind"] == "image"
     assert sample["grid_thw"] == [1, 4, 6] and sample["merged_hw"] == [2, 3] and sample["shape"] == [1, 6, 32]
     assert sample["dtype"] == "bfloat16" and sample["resized_hw"] == [56, 84]
@@ -86,6 +86,8 @@ def test_key_shows_one_sample(cli, output):
     human = cli("inspect", str(out), "--key", "m/00")
     assert human.exit_code == 0
     assert "2 x 4 x 4 -> merged 2x2" in human.stdout and "0.00, 0.50" in human.stdout
+    for whole_file in ("provenance", "shards (", "most common grids", "tokens per sample", "bad/0.jpg"):
+        assert whole_file not in human.stdout, whole_file
 
 
 def test_unknown_and_failed_keys_exit_2(cli, output):
@@ -150,7 +152,7 @@ def test_check_finds_an_injected_nan(cli, output):
     assert report["checked"] is True
     assert report["problems"] == ["1 samples have NaN or Inf tokens: 'm/07'"]
     detail = cli("inspect", str(out), "--key", "m/07", "--json")
-    assert json.loads(detail.stdout)["sample"]["stats"]["nan"] == 1
+    assert json.loads(detail.stdout)["stats"]["nan"] == 1
 
 
 def test_missing_shard_and_unindexed_shard_are_problems(cli, output):
@@ -208,3 +210,36 @@ def test_empty_output_and_index_json(cli, tmp_path):
     with pytest.raises(FormatError, match="nothing to index"):
         build_index(tmp_path / "none" / "feats.h5")
     assert cli("index", str(tmp_path / "none" / "feats.h5")).exit_code == 2
+
+
+def test_failures_lists_every_record(cli, tmp_path):
+    out = tmp_path / "feats.h5"
+    with ShardWriter(out, attrs()) as writer:
+        writer.add(features("ok.jpg"))
+        for i in range(23):  # more than the report's first 10
+            writer.add_failure(failure(f"bad/{i:02d}.jpg", f"broken\tnumber\n{i}"))
+    build_index(out)
+    human = cli("inspect", str(out), "--failures")
+    assert human.exit_code == 0, human.output
+    lines = human.stdout.splitlines()
+    assert len(lines) == 23
+    assert lines[5].split("\t") == ["bad/05.jpg", "decode", "UnidentifiedImageError: broken\\tnumber\\n5"]
+    as_json = cli("inspect", str(out), "--failures", "--json")
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["key"] for r in records] == [f"bad/{i:02d}.jpg" for i in range(23)]
+    assert records[22] == {"key": "bad/22.jpg", "stage": "decode", "type": "UnidentifiedImageError", "message": "broken\tnumber\n22"}
+    report = json.loads(cli("inspect", str(out), "--json").stdout)
+    assert len(report["errors"]) == 10 and report["errors_left_out"] == 13
+    assert "merge-cli inspect" in cli("inspect", str(out)).stdout  # the table says how to see all
+
+
+def test_missing_index_beside_shards_suggests_index(cli, output):
+    out, _ = output
+    out.unlink()  # as after kill -9 before the index was written
+    result = cli("inspect", str(out))
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "does not exist, but" in message and "complete shards" in message
+    assert f"merge-cli index {out}" in message
+    nothing = cli("inspect", str(out.parent / "other.h5"))
+    assert nothing.exit_code == 2 and "merge-cli index" not in nothing.output

@@ -9,6 +9,7 @@ FormatError (exit 2).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from merge_cli.output.format import (
     list_shards,
     list_temporaries,
     read_strings,
+    shard_dir,
 )
 from merge_cli.output.reader import FeatureFile, open_features
 
@@ -38,11 +40,47 @@ _NONFINITE_MASKS = {"bfloat16": 0x7F80, "float16": 0x7C00}
 def inspect_features(path: Path, *, key: str | None = None, check: bool = False) -> dict:
     """Report on a merge-cli output (`feats.h5`) or one shard; see the module docstring."""
     path = Path(path)
-    with open_features(path) as features:
+    with _open(path) as features:
         try:
             return _inspect(features, key, check)
         except (OSError, KeyError, ValueError) as error:
             raise FormatError(f"{path}: damaged merge-cli output ({first_line(error)})") from error
+
+
+def inspect_sample(path: Path, key: str) -> dict:
+    """`inspect --key`: the one sample's report (the `sample` entry of `inspect_features`) alone,
+    without reading anything about the rest of the file but its keys and error records."""
+    path = Path(path)
+    with _open(path) as features:
+        try:
+            return _sample_report(features, key)
+        except (OSError, KeyError, ValueError) as error:
+            raise FormatError(f"{path}: damaged merge-cli output ({first_line(error)})") from error
+
+
+def iter_failures(path: Path) -> Iterator[dict]:
+    """`inspect --failures`: every error record, `{key, stage, type, message}`, in stored order."""
+    path = Path(path)
+    with _open(path) as features:
+        try:
+            failures = features.failures()
+        except (OSError, KeyError, ValueError) as error:
+            raise FormatError(f"{path}: damaged merge-cli output ({first_line(error)})") from error
+        for failure in failures:
+            yield _error_entry(failure)
+
+
+def _open(path: Path) -> FeatureFile:
+    """open_features, but a missing index beside complete shards says how to rebuild it."""
+    if not path.exists():
+        shards = list_shards(path)
+        if shards:
+            count = f"{len(shards)} complete shard" + ("" if len(shards) == 1 else "s")
+            raise FormatError(
+                f"{path} does not exist, but {shard_dir(path)} holds {count} (a run stopped before "
+                f"writing the index?); rebuild it with: merge-cli index {path}"
+            )
+    return open_features(path)
 
 
 def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
@@ -74,6 +112,7 @@ def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
         "grids": _grids(features),
         "token_stats": _token_stats(lengths),
         "errors": errors[:FIRST_ERRORS],
+        "errors_left_out": max(0, len(errors) - FIRST_ERRORS),
         "error_types": dict(Counter(e["type"] for e in errors).most_common()),
         "checked": check,
         "problems": problems,
@@ -88,7 +127,7 @@ def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
     elif check:
         notes.append("--check skipped the value scan because of the problems above")
     if key is not None:
-        report["sample"] = _sample_report(features, key, errors)
+        report["sample"] = _sample_report(features, key)
     return report
 
 
@@ -267,14 +306,16 @@ def _token_stats(lengths: np.ndarray) -> dict | None:
 
 
 def _errors(features: FeatureFile) -> list[dict]:
-    return [
-        {"key": f.key, "stage": f.stage, "type": f.error_type, "message": f.message} for f in features.failures()
-    ]
+    return [_error_entry(f) for f in features.failures()]
 
 
-def _sample_report(features: FeatureFile, key: str, errors: list[dict]) -> dict:
+def _error_entry(failure) -> dict:
+    return {"key": failure.key, "stage": failure.stage, "type": failure.error_type, "message": failure.message}
+
+
+def _sample_report(features: FeatureFile, key: str) -> dict:
     if key not in features:
-        failed = next((e for e in errors if e["key"] == key), None)
+        failed = next((_error_entry(f) for f in features.failures() if f.key == key), None)
         if failed:
             raise FormatError(
                 f"{key!r} has no features: it failed at {failed['stage']} ({failed['type']}: {failed['message']})"

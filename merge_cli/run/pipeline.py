@@ -92,6 +92,7 @@ class RunSummary:
         seconds = max(self.seconds, 1e-9)
         data["samples_per_second"] = self.written / seconds
         data["patch_tokens_per_second"] = self.patch_tokens / seconds
+        data["failures_left_out"] = self.failed - len(self.failures)  # the list holds the first few
         data["exit_code"] = self.exit_code
         return data
 
