@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from extras import needs_hdf5plugin
 from feature_factory import attrs, bits, failure, features
 
 from merge_cli.errors import FormatError, UsageError
@@ -191,7 +192,7 @@ def test_shard_of_only_errors_and_empty_output(tmp_path):
     assert scan_existing(empty).done_keys == set()
 
 
-@pytest.mark.parametrize("compression", ["lzf", "gzip", "zstd"])
+@pytest.mark.parametrize("compression", ["lzf", "gzip", pytest.param("zstd", marks=needs_hdf5plugin)])
 def test_compressed_round_trip(tmp_path, compression):
     out = tmp_path / "feats.h5"
     records = {f"k{i}": features(f"k{i}", dim=48) for i in range(10)}
