@@ -31,6 +31,15 @@ class FormatError(MergeCliError):
     exit_code = 2
 
 
+class OutputBusyError(MergeCliError):
+    """Another process is writing the same output (it holds the output's lock)."""
+
+
+class OutputWriteError(MergeCliError):
+    """Writing the output failed (disk full, a file too large, an I/O or permission error);
+    complete shards are kept and a rerun resumes."""
+
+
 class ConfigMismatchError(MergeCliError):
     """Resuming into an output written with settings that change the numbers."""
 

@@ -412,3 +412,21 @@ def test_remove_output_deletes_only_ours(tmp_path):
     remove_output(out)
     assert notes.exists() and list_shards(out) == []
     assert scan_existing(out) is None
+
+
+@pytest.mark.parametrize("foreign", ["hdf5", "text", "other_name"])
+def test_overwrite_refuses_shard_named_files_merge_cli_did_not_write(tmp_path, foreign):
+    out = tmp_path / "feats.h5"
+    write(out, [features("a.jpg")])
+    build_index(out)
+    intruder = shard_dir(out) / "r000-00007.h5"
+    if foreign == "hdf5":
+        with h5py.File(intruder, "w") as handle:
+            handle["data"] = np.arange(5)
+    elif foreign == "text":
+        intruder.write_text("my notes")
+    else:  # a real shard of ours, renamed: its attributes name another sequence
+        shutil.copy(list_shards(out)[0], intruder)
+    with pytest.raises(FormatError, match="r000-00007.h5"):
+        remove_output(out)
+    assert intruder.exists() and out.exists() and len(list_shards(out)) == 2  # nothing deleted

@@ -106,9 +106,17 @@ def list_temporaries(out: Path, rank: int | None = None) -> list[Path]:
             parsed = parse_shard_name(path.name[: -len(TMP_SUFFIX)]) if path.name.endswith(TMP_SUFFIX) else None
             if parsed and (rank is None or parsed[0] == rank):
                 found.append(path)
-    if rank is None and out.parent.is_dir():
-        found += [p for p in out.parent.glob(f"{glob.escape(out.name)}.*{TMP_SUFFIX}") if p.is_file()]
+    if rank is None:
+        found += list_index_temporaries(out)
     return sorted(found)
+
+
+def list_index_temporaries(out: Path) -> list[Path]:
+    """Indexes being built (or left by a killed builder): `feats.h5.<host>-<pid>.tmp`."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.*{TMP_SUFFIX}") if p.is_file())
 
 
 def index_temporary(out: Path) -> Path:

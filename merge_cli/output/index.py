@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from merge_cli.errors import FormatError
+from merge_cli.output import locks
 from merge_cli.output.format import (
     DTYPE_NAMES,
     ERROR_FIELDS,
@@ -31,6 +32,7 @@ from merge_cli.output.format import (
     encode_attrs,
     failures_columns,
     index_temporary,
+    list_index_temporaries,
     list_shards,
     object_array,
     open_h5,
@@ -73,14 +75,20 @@ def read_shard(path: Path) -> _Shard:
     return _Shard(path, attrs, dtype, rows, dim, columns, list(zip(*errors)), path.stat().st_size)
 
 
-def build_index(out: Path, *, attrs: Mapping[str, object] | None = None) -> dict:
+def build_index(out: Path, *, attrs: Mapping[str, object] | None = None, wait: float = 60.0) -> dict:
     """(Re)write `out` atomically from all complete shards beside it; return a JSON-able summary.
 
     `attrs` are the root attributes to use when there is no shard at all (an empty run), so that
     the output is still a valid, empty index. With no shard, no `attrs` and no earlier index,
-    FormatError: there is nothing to index.
+    FormatError: there is nothing to index. The output's lock is held meanwhile (waiting up to
+    `wait` seconds for another builder; OutputBusyError naming the holder after that).
     """
     out = Path(out)
+    with locks.hold(locks.output_lock_path(out), str(out), wait=wait):
+        return _build_index(out, attrs)
+
+
+def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     paths = list_shards(out)
     shards = [read_shard(path) for path in paths]
     root = _root_attrs(out, shards, attrs)
@@ -139,8 +147,10 @@ def build_index(out: Path, *, attrs: Mapping[str, object] | None = None) -> dict
 
     tmp = index_temporary(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in list_index_temporaries(out):  # the output lock is ours: their builders are gone
+        stale.unlink(missing_ok=True)
     try:
-        with h5py.File(tmp, "w", libver=LIBVER) as handle:
+        with h5py.File(tmp, "x", libver=LIBVER) as handle:
             root.update(
                 role="index",
                 dtype=dtype,

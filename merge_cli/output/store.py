@@ -24,7 +24,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from merge_cli.errors import FormatError, UsageError
+from merge_cli.errors import FormatError, OutputBusyError, UsageError
+from merge_cli.output import locks
 from merge_cli.output.format import (
     CHUNK_TARGET_BYTES,
     COMPRESSIONS,
@@ -362,13 +363,21 @@ class _OpenShard:
         self.samples.append(meta)
         self.meta_bytes += _meta_bytes(meta)
 
+    def _create(self) -> None:
+        """Create the temporary exclusively (O_EXCL): an existing file of that name belongs to
+        another writer of this rank, which the rank lock should have kept out."""
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.file = h5py.File(self.tmp, "x", libver=LIBVER)
+        except FileExistsError as error:
+            raise OutputBusyError(f"{self.tmp} already exists: another process writes this rank's shards") from error
+        for name, value in self.attrs.items():
+            self.file.attrs[name] = value
+
     def _ensure_file(self) -> None:
         if self.file is not None:
             return
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w", libver=LIBVER)
-        for name, value in self.attrs.items():
-            self.file.attrs[name] = value
+        self._create()
         assert self.token_dim is not None
         self.tokens = self.file.create_dataset(
             "tokens",
@@ -430,10 +439,7 @@ class _OpenShard:
         """Write the tables, close, rename into place. Returns the final path."""
         try:
             if self.file is None:
-                self.final.parent.mkdir(parents=True, exist_ok=True)
-                self.file = h5py.File(self.tmp, "w", libver=LIBVER)
-                for name, value in self.attrs.items():
-                    self.file.attrs[name] = value
+                self._create()
                 dim = self.token_dim or 0
                 self.tokens = self.file.create_dataset("tokens", shape=(0, dim), dtype=self.np_dtype)
                 self.tokens.attrs["dtype"] = self.dtype_name
@@ -531,15 +537,13 @@ class ExistingOutput:
 def scan_existing(out: Path, *, rank: int | None = None) -> ExistingOutput | None:
     """The keys and settings of an existing output, or None when there is none.
 
-    Deletes the stale temporary files a killed run left (`*.h5.tmp`): with `rank`, only that
-    rank's, which no live process can own (one process per rank); without, all of them, which
-    is only safe while no other process writes into this output. Raises FormatError when
+    Deletes the temporary files whose owner is provably gone (see `remove_stale_temporaries`):
+    with `rank`, only that rank's shards; without, every rank's and the index's. Raises FormatError when
     `out` exists but is not a merge-cli output, when a shard cannot be read, or when the shards
     were written with different settings (different `config_hash`).
     """
     out = Path(out)
-    for stale in list_temporaries(out, rank):
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(out, rank)
     shards = list_shards(out)
     index_attrs: dict | None = None
     if out.exists():
@@ -573,17 +577,67 @@ def scan_existing(out: Path, *, rank: int | None = None) -> ExistingOutput | Non
     return ExistingOutput(attrs=attrs, done_keys=done, failed_keys=errored - done, shards=shards)
 
 
+def remove_stale_temporaries(out: Path, rank: int | None = None) -> list[Path]:
+    """Delete the temporaries of `out` whose owner is provably gone; return what was deleted.
+
+    A rank's `*.h5.tmp` belongs to the process holding that rank's lock, an index temporary to
+    the one holding the output lock: a temporary is stale when its lock is free or held by this
+    process (which is then its owner, starting over). With `rank`, only that rank's shards."""
+    removed = []
+    free: dict[Path, bool] = {}
+
+    def stale(lock: Path) -> bool:
+        if lock not in free:
+            free[lock] = locks.held_here(lock) or locks.is_free(lock)
+        return free[lock]
+
+    for path in list_temporaries(out, rank):
+        parsed = parse_shard_name(path.name[: -len(TMP_SUFFIX)])
+        lock = locks.rank_lock_path(out, parsed[0]) if parsed else locks.output_lock_path(out)
+        if stale(lock):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def remove_output(out: Path) -> None:
     """Delete `out` and its shards (only files merge-cli wrote); the shard folder if left empty.
 
-    Refuses (FormatError) to delete an `out` that is not a merge-cli output.
+    Refuses (FormatError) to delete an `out` that is not a merge-cli output, and any shard-named
+    file that does not carry merge-cli's shard attributes (naming the first such file) before
+    deleting anything. Temporaries are deleted only where their owner is gone (a live writer's
+    stay); lock files only when free.
     """
     out = Path(out)
     if out.exists():
         open_h5(out).close()  # raises FormatError for anything that is not ours
-    for path in list_temporaries(out) + list_shards(out):
+    shards = list_shards(out)
+    for path in shards:
+        _check_own_shard(path)
+    remove_stale_temporaries(out)
+    for path in shards:
         path.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
     folder = shard_dir(out)
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+    if folder.is_dir():
+        for lock in folder.glob(f"r*{locks.LOCK_SUFFIX}"):
+            if locks.is_free(lock):
+                lock.unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _check_own_shard(path: Path) -> None:
+    """FormatError unless `path` is a merge-cli shard (the format, role and name attributes)."""
+    try:
+        with open_h5(path) as handle:
+            role = decode_attrs(handle.attrs, parse_json=False).get("role")
+            named = parse_shard_name(path.name)
+            ok = role == "shard" and named is not None and (
+                handle.attrs.get("shard_rank"), handle.attrs.get("shard_sequence")) == named
+    except FormatError as error:
+        raise FormatError(f"{path} is not a shard merge-cli wrote ({error}); not deleting anything: "
+                          "move it away or delete it yourself") from error
+    if not ok:
+        raise FormatError(f"{path} does not carry merge-cli's shard attributes; not deleting anything: "
+                          "move it away or delete it yourself")

@@ -99,9 +99,6 @@ class RunSummary:
 
 def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunSummary:
     """Run `merge-cli extract`; raises MergeCliError subclasses for runs that cannot start."""
-    from merge_cli.inputs.sources import collect_samples
-    from merge_cli.output import store
-    from merge_cli.output.index import build_index
     from merge_cli.output.preflight import check_output_location
 
     check_output_location(config.out)  # first: a bad --out fails before any model or media work
@@ -110,6 +107,51 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     dist = DistContext.detect(config.rank, config.world_size)
     device = resolve_device(dist.device_name(config.device))
     dist.setup(device.type)
+    held = claim_output(Path(config.out), dist)  # before any temporary is touched
+    try:
+        return _run_claimed(config, reporter, dist, device, started)
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+def claim_output(out: Path, dist: DistContext) -> list:
+    """Take this process's locks on `out` (merge_cli/output/locks.py), or refuse the run.
+
+    Every process holds its rank's lock (its shards and temporaries). The process that lists,
+    removes and indexes for the whole job (alone, or rank 0 under torchrun) also holds the output
+    lock for the whole run. Ranks started by hand take the output lock only while indexing. Under
+    torchrun the ranks agree: if one is refused, all are, with the same line.
+    """
+    from merge_cli.errors import MergeCliError, OutputBusyError, UsageError
+    from merge_cli.output import locks
+
+    if not out.name:
+        raise UsageError(f"--out must name a file such as feats.h5; got {str(out)!r}")
+    held: list = []
+    problem: str | None = None
+    try:
+        if dist.is_main and (dist.connected or not dist.is_split):
+            held.append(locks.acquire(locks.output_lock_path(out), str(out)))
+        held.append(locks.acquire(locks.rank_lock_path(out, dist.rank), f"{out} (rank {dist.rank})"))
+    except MergeCliError as error:
+        problem = str(error)
+    if dist.connected:
+        problem = next((p for p in dist.gather(problem) if p), None)  # type: ignore[misc]
+    if problem is not None:
+        for lock in reversed(held):
+            lock.release()
+        raise OutputBusyError(problem)
+    return held
+
+
+def _run_claimed(
+    config: ExtractConfig, reporter: Reporter, dist: DistContext, device: torch.device, started: float
+) -> RunSummary:
+    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.output import store
+    from merge_cli.output.index import build_index
+
     compute_dtype = config.dtype or ("bf16" if device.type == "cuda" else "fp32")
     store_dtype = config.store_dtype or compute_dtype
     out = Path(config.out)
