@@ -50,6 +50,8 @@ def fork_extract(media: Path, out: Path, log: Path) -> int:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # not pytest's capture objects
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
         sys.argv = ["merge-cli", "extract", "--input", str(media), "--out", str(out),
                     "--device", "cpu", "--dtype", "fp32", "--workers", "0"]
         from merge_cli.cli import main
