@@ -203,7 +203,13 @@ def test_resume_skips_done_and_refuses_other_settings(cli, corpus, tmp_path):
     assert again.exit_code == 0 and summary["skipped"] == len(IMAGES) + len(VIDEOS) and summary["written"] == 0
     refused = _extract(cli, corpus, out, "--layer", "-2")
     assert refused.exit_code == 1
-    assert "layer" in refused.stderr and "--overwrite" in refused.stderr
+    lines = refused.stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("merge-cli: error:"))
+    assert "other settings" in lines[start] and "--overwrite" in lines[start]
+    assert lines[start + 1 :] == ["  layer: -1 -> -2"]  # not also tower_hash, which covers the layer
+    refused = _extract(cli, corpus, out, "--fps", "1", "--max-pixels", "200000")
+    assert refused.exit_code == 1
+    assert refused.stderr.splitlines()[-2:] == ["  media.policy.max_pixels: 1003520 -> 200000", "  media.video.fps: 2.0 -> 1.0"]
     fresh = _extract(cli, corpus, out, "--layer", "-2", "--overwrite", "--json")
     assert fresh.exit_code == 0 and json.loads(fresh.stdout)["written"] == len(IMAGES) + len(VIDEOS)
 

@@ -363,12 +363,45 @@ def _check_same_settings(old: dict, new: dict, out: Path) -> None:
         before, after = json.loads(old.get("settings", "{}")), json.loads(new["settings"])
     except (TypeError, ValueError):
         before, after = {}, {}
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    details = "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:4])
+    lines = setting_changes(before, after) or [f"config_hash: {old.get('config_hash')} -> {new['config_hash']}"]
     raise ConfigMismatchError(
-        f"{out} was written with other settings ({details or 'config_hash differs'}); "
-        f"use --overwrite to start over or another --out"
+        f"{out} was written with other settings (use --overwrite to start over, or another --out):\n"
+        + "\n".join(f"  {line}" for line in lines)
     )
+
+
+def setting_changes(before: dict, after: dict) -> list[str]:
+    """`name: old -> new` for each hashed setting that differs, nested ones as `media.video.fps`.
+
+    The tower hash covers the layer (a different layer is a different function), so a changed
+    layer alone would also show as a changed `tower_hash`: the layer line says it all.
+    """
+    old, new = _flatten(before), _flatten(after)
+    changed = sorted(name for name in old.keys() | new.keys() if old.get(name, _UNSET) != new.get(name, _UNSET))
+    if "layer" in changed and "tower" not in changed:
+        changed = [name for name in changed if name != "tower_hash"]
+    return [f"{name}: {_setting_text(old.get(name, _UNSET))} -> {_setting_text(new.get(name, _UNSET))}" for name in changed]
+
+
+_UNSET = object()
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _setting_text(value: object) -> str:
+    import json
+
+    if value is _UNSET:
+        return "(not set)"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _my_share(todo: list[Sample], media: MediaOptions, dist: DistContext) -> list[Sample]:
