@@ -55,3 +55,17 @@ class MediaError(MergeCliError):
         super().__init__(message)
         self.stage = stage
         self.error_type = error_type or type(self).__name__
+
+
+def error_text(error: BaseException) -> str:
+    """A library exception's own words, without what the record or message around it already says.
+
+    PyAV's errors read `[Errno 1094995529] Invalid data found when processing input: 'x.mp4'`:
+    the errno is FFmpeg's internal code (meaningless to a user) and the file is the sample the
+    record is about, so only the `strerror` part is kept (likewise for OSError). Other exceptions
+    keep their text.
+    """
+    strerror = getattr(error, "strerror", None)  # OSError, and PyAV's FFmpegError (a ValueError)
+    if isinstance(strerror, str) and strerror:
+        return strerror
+    return str(error) or type(error).__name__

@@ -160,3 +160,18 @@ def test_plan_refuses_what_decoding_refuses_from_the_header(corpus, results, key
         plan_sample(sample, MediaOptions())
     assert error.value.stage == results[key].stage
     assert error.value.error_type == results[key].error_type
+
+
+def test_messages_hold_no_ffmpeg_errno_and_no_repeated_file_name(corpus, results):
+    """PyAV's `[Errno 1094995529] ...: 'text.mp4'`: FFmpeg's internal code and the file the
+    record is already about are left out of the message."""
+    messages = {key: r.message for key, r in results.items() if isinstance(r, Failure)}
+    assert all("[Errno" not in message for message in messages.values()), messages
+    for key in ("text.mp4", "headless.mp4"):
+        assert key not in messages[key], messages[key]
+
+
+def test_check_grid_names_a_broken_file_once(cli, corpus):
+    result = cli("check-grid", str(corpus / "text.mp4"))
+    assert result.exit_code == 2
+    assert result.output.count("text.mp4") == 1 and "[Errno" not in result.output, result.output

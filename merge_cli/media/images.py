@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from merge_cli.config import MediaOptions
-from merge_cli.errors import GridError, MediaError
+from merge_cli.errors import GridError, MediaError, error_text
 from merge_cli.media import video
 from merge_cli.media.grid import ResizePolicy, patch_grid
 from merge_cli.media.probe import (
@@ -403,4 +403,4 @@ def _stage(name: str) -> Iterator[None]:
 
 
 def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
+    return error_text(error)

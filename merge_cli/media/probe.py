@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge_cli.errors import MediaError
+from merge_cli.errors import MediaError, error_text
 from merge_cli.records import media_kind
 
 # EXIF orientations 5..8 rotate by 90 degrees: the displayed image has height and width swapped.
@@ -37,9 +37,9 @@ def probe_media(path: Path | str) -> MediaInfo:
     path = Path(path)
     kind = media_kind(path)
     if kind is None:
-        raise MediaError("probe", f"{path.name}: not a recognized image or video extension", "UnsupportedMedia")
+        raise MediaError("probe", "not a recognized image or video extension", "UnsupportedMedia")
     if not path.is_file():
-        raise MediaError("probe", f"{path}: no such file", "FileNotFoundError")
+        raise MediaError("probe", "no such file", "FileNotFoundError")
     return probe_image(path) if kind == "image" else probe_video(path)
 
 
@@ -93,7 +93,7 @@ def probe_image(path: Path, stage: str = "probe") -> MediaInfo:
             width, height = image.size
             orientation = image_orientation(image)
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise MediaError(stage, f"{path.name}: {error}", type(error).__name__) from error
+        raise MediaError(stage, error_text(error), type(error).__name__) from error
     if transposes(orientation):
         height, width = width, height
     return MediaInfo("image", height, width)
@@ -105,7 +105,7 @@ def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise MediaError(stage, f"{path.name}: no video stream", "NoVideoStream")
+                raise MediaError(stage, "no video stream", "NoVideoStream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate) if stream.average_rate else None
@@ -115,9 +115,9 @@ def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
     except MediaError:
         raise
     except (OSError, ValueError, av.FFmpegError) as error:
-        raise MediaError(stage, f"{path.name}: {error}", type(error).__name__) from error
+        raise MediaError(stage, error_text(error), type(error).__name__) from error
     if not width or not height:
-        raise MediaError(stage, f"{path.name}: video stream has no frame size", "NoVideoStream")
+        raise MediaError(stage, "video stream has no frame size", "NoVideoStream")
     return MediaInfo("video", height, width, num_frames, fps, duration)
 
 
