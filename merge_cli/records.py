@@ -103,3 +103,8 @@ class Features:
     decoder: str
     frame_indices: list[int] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 sample`, `2 samples`, `1,000 videos` (`nouns` for irregular plurals)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"

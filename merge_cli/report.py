@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from merge_cli.records import plural
+
 
 def _hw(pair: list[int] | tuple[int, int] | None) -> str:
     return "-" if pair is None else f"{pair[0]}x{pair[1]}"
@@ -85,7 +87,7 @@ def render_extract_summary(summary: dict, console: Console) -> None:
     table.add_row(
         "samples",
         f"{summary['written']:,} written, {summary['skipped']:,} already done, {summary['failed']:,} failed"
-        + (f", {summary['ignored_files']:,} other files ignored" if summary["ignored_files"] else ""),
+        + (f", {plural(summary['ignored_files'], 'other file')} ignored" if summary["ignored_files"] else ""),
     )
     table.add_row(
         "tokens",
@@ -180,8 +182,9 @@ def render_inspect(report: dict, console: Console) -> None:
     console.print(table)
 
     console.print(
-        f"[bold]samples[/] {counts['samples']:,} ({counts['images']:,} images, {counts['videos']:,} videos, "
-        f"{counts['frames']:,} frames)  [bold]tokens[/] {counts['tokens']:,}  [bold]errors[/] {counts['errors']:,}"
+        f"[bold]samples[/] {counts['samples']:,} ({plural(counts['images'], 'image')}, "
+        f"{plural(counts['videos'], 'video')}, {plural(counts['frames'], 'frame')})  "
+        f"[bold]tokens[/] {counts['tokens']:,}  [bold]errors[/] {counts['errors']:,}"
     )
 
     if report["grids"]:
@@ -276,12 +279,12 @@ def render_index_summary(summary: dict, console: Console) -> None:
     from rich.markup import escape
 
     console.print(
-        f"[bold]{escape(summary['output'])}[/]: {summary['samples']:,} samples, {summary['tokens']:,} tokens "
-        f"({summary['dtype']} x {summary['token_dim']}) from {summary['shards']:,} shards "
-        f"({_size(summary['shard_bytes'])}); {summary['errors']:,} errors"
+        f"[bold]{escape(summary['output'])}[/]: {plural(summary['samples'], 'sample')}, "
+        f"{plural(summary['tokens'], 'token')} ({summary['dtype']} x {summary['token_dim']}) from "
+        f"{plural(summary['shards'], 'shard')} ({_size(summary['shard_bytes'])}); {plural(summary['errors'], 'error')}"
     )
     if summary.get("duplicates"):
         console.print(
-            f"[yellow]note:[/] {summary['duplicates']:,} samples stored twice across shards were ignored "
+            f"[yellow]note:[/] ignored {plural(summary['duplicates'], 'sample')} stored twice across shards "
             "(the first copy is used)"
         )

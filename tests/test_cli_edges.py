@@ -122,3 +122,23 @@ def test_output_kinds_still_work(cli, media, tmp_path):
     assert result.exit_code == 0, result.output
     result = cli("extract", "--input", str(media), "--out", str(tmp_path / "g.h5"), "--output", "bogus", *CPU)
     assert result.exit_code == 2 and "did you mean" not in result.output
+
+
+# -- item 13: plurals ------------------------------------------------------------------------------
+
+
+def test_counts_of_one_are_singular(cli, tmp_path):
+    from feature_factory import attrs, failure, features
+
+    from merge_cli.output.store import ShardWriter
+
+    out = tmp_path / "feats.h5"
+    with ShardWriter(out, attrs()) as writer:
+        writer.add(features("clip.mp4", grid=(2, 4, 4)))
+        writer.add_failure(failure("bad.jpg"))
+    index = cli("index", str(out))
+    assert index.exit_code == 0, index.output
+    text = " ".join(index.stdout.split())
+    assert "1 sample," in text and "from 1 shard " in text and "1 error" in text and "1 errors" not in text
+    inspect = " ".join(cli("inspect", str(out)).stdout.split())
+    assert "0 images, 1 video, 2 frames" in inspect, inspect

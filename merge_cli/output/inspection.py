@@ -24,6 +24,7 @@ from merge_cli.output.format import (
     shard_dir,
 )
 from merge_cli.output.reader import FeatureFile, open_features
+from merge_cli.records import plural
 
 TOP_GRIDS = 10
 FIRST_ERRORS = 10
@@ -75,9 +76,8 @@ def _open(path: Path) -> FeatureFile:
     if not path.exists():
         shards = list_shards(path)
         if shards:
-            count = f"{len(shards)} complete shard" + ("" if len(shards) == 1 else "s")
             raise FormatError(
-                f"{path} does not exist, but {shard_dir(path)} holds {count} (a run stopped before "
+                f"{path} does not exist, but {shard_dir(path)} holds {plural(len(shards), 'complete shard')} (a run stopped before "
                 f"writing the index?); rebuild it with: merge-cli index {path}"
             )
     return open_features(path)
@@ -121,7 +121,7 @@ def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
     }
     _check_tables(features, shards, problems)
     if features.duplicate_keys:
-        problems.append(f"{features.duplicate_keys} keys are stored more than once (the reader returns the first)")
+        problems.append(f"{plural(features.duplicate_keys, 'key')} stored more than once (the reader returns the first)")
     if check and not problems:
         _check_values(features, problems)
     elif check:
@@ -173,15 +173,15 @@ def _shards(features: FeatureFile, problems: list[str], notes: list[str]) -> lis
     unindexed = [p for p in list_shards(features.path) if p.resolve() not in indexed]
     if unindexed:
         problems.append(
-            f"{len(unindexed)} shards are not in the index, e.g. {unindexed[0].name} "
+            f"{plural(len(unindexed), 'shard')} not in the index, e.g. {unindexed[0].name} "
             f"(run: merge-cli index {features.path})"
         )
     leftovers = list_temporaries(features.path)
     if leftovers:
-        notes.append(f"{len(leftovers)} unfinished files of an interrupted run (*.tmp); the next run deletes them")
+        notes.append(f"{plural(len(leftovers), 'unfinished file')} of an interrupted run (*.tmp); the next run deletes them")
     duplicates = int(features.attrs.get("duplicate_keys", 0) or 0)
     if duplicates:
-        notes.append(f"{duplicates} samples stored twice across shards were ignored (the first copy is used)")
+        notes.append(f"ignored {plural(duplicates, 'sample')} stored twice across shards (the first copy is used)")
     return out
 
 
@@ -196,29 +196,29 @@ def _check_tables(features: FeatureFile, shards: list[dict], problems: list[str]
 
     def report(mask: np.ndarray, what: str) -> None:
         if mask.any():
-            problems.append(f"{int(mask.sum())} samples {what}: {_examples(keys, mask)}")
+            problems.append(f"{plural(int(mask.sum()), 'sample')} {what}: {_examples(keys, mask)}")
 
-    report(lengths != grid[:, 0] * merged[:, 0] * merged[:, 1], "have a token count that does not match their grid")
+    report(lengths != grid[:, 0] * merged[:, 0] * merged[:, 1], "with a token count that does not match the grid")
     report((merged[:, 0] * merge != grid[:, 1]) | (merged[:, 1] * merge != grid[:, 2]),
-           f"have merged_hw that is not grid_thw / {merge}")
-    report((offsets < 0) | (offsets + lengths > features.rows), f"point outside the {features.rows} token rows")
+           f"with merged_hw that is not grid_thw / {merge}")
+    report((offsets < 0) | (offsets + lengths > features.rows), f"pointing outside the {plural(features.rows, 'token row')}")
     order = np.argsort(offsets, kind="stable")
     ends = (offsets + lengths)[order]
     overlap = np.zeros(len(keys), dtype=bool)
     overlap[order[1:]] = offsets[order[1:]] < ends[:-1]
-    report(overlap, "overlap the rows of another sample")
+    report(overlap, "overlapping the rows of another sample")
     if features.role == "index":
         rows = np.array([s["rows"] for s in shards], dtype=np.int64)
         shard = features.column("shard")
         local = features.column("shard_offsets")
         valid = (shard >= 0) & (shard < len(rows))
-        report(~valid, "name a shard that is not in the shard list")
+        report(~valid, "naming a shard that is not in the shard list")
         shard_rows = np.zeros(len(shard), dtype=np.int64)
         shard_rows[valid] = rows[shard[valid]]
-        report(valid & ((local < 0) | (local + lengths > shard_rows)), "point outside their shard's rows")
+        report(valid & ((local < 0) | (local + lengths > shard_rows)), "pointing outside their shard's rows")
     frame_total = features.h5["frame_indices"].shape[0]
     frame_offsets, frame_lengths = features.column("frame_offsets"), features.column("frame_lengths")
-    report((frame_offsets < 0) | (frame_offsets + frame_lengths > frame_total), "point outside the frame tables")
+    report((frame_offsets < 0) | (frame_offsets + frame_lengths > frame_total), "pointing outside the frame tables")
     if features.h5["frame_times"].shape[0] != frame_total:
         problems.append("frame_indices and frame_times have different lengths")
 
@@ -254,7 +254,7 @@ def _check_values(features: FeatureFile, problems: list[str]) -> None:
         keys = features.keys()
         mask = np.zeros(len(keys), dtype=bool)
         mask[sorted(bad_samples)] = True
-        problems.append(f"{len(bad_samples)} samples have NaN or Inf tokens: {_examples(keys, mask)}")
+        problems.append(f"{plural(len(bad_samples), 'sample')} with NaN or Inf tokens: {_examples(keys, mask)}")
 
 
 def _nonfinite_rows(values: np.ndarray, dtype_name: str) -> np.ndarray:
