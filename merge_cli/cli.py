@@ -8,7 +8,8 @@ Exit codes (also in the README):
   0  success (check-grid: the size is already a valid merge grid)
   1  check-grid: the size is not a valid grid; extract: the run could not start
   2  unusable input or options (a bad size, an unreadable or foreign file)
-  3  extract: the run finished but some inputs failed (their error records are in the output)
+  3  extract: the run finished but some inputs failed (their error records are in the output);
+     under torchrun only with --strict, so that torchrun does not take a few bad files for a crash
 """
 
 from __future__ import annotations
@@ -418,7 +419,7 @@ def extract_command(
         ),
     ] = None,
     strict: Annotated[
-        bool, typer.Option("--strict", help="Stop at the first input that fails.", rich_help_panel=_RUN)
+        bool, typer.Option("--strict", help="Stop at the first input that fails (under torchrun: on every rank) and exit 3.", rich_help_panel=_RUN)
     ] = False,
     rank: Annotated[
         Optional[int],
@@ -438,7 +439,7 @@ def extract_command(
     """Extract merged vision features from images and videos into HDF5 shards.
 
     Exit 0 when every input was written, 3 when some failed (their error records are in the
-    output), 1 when the run could not start (bad option values, missing tower, other settings
+    output; under torchrun only with --strict), 1 when the run could not start (bad option values, missing tower, other settings
     than the existing output), 2 for command-line syntax errors, 130 when interrupted.
     """
     from merge_cli.config import ExtractConfig, VideoOptions, parse_byte_size

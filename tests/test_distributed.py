@@ -180,3 +180,24 @@ def test_progress_counts_add_up_across_ranks():
     rank1.finish()  # ...until it finishes
     rank0.advance(samples=1, tokens=100)
     assert (rank0.samples, rank0.tokens, rank0.failures) == (6, 600, 1)
+
+
+@pytest.mark.slow
+def test_torchrun_partial_failure_is_not_a_crash_unless_strict(tmp_path):
+    """A bad file under torchrun: every rank exits 0 (no ChildFailedError) and rank 0's summary
+    counts the failure; --strict makes it fatal on every rank."""
+    root = tmp_path / "media"
+    for index in range(4):
+        make_image(root / f"{index}.png", 56 + 28 * index, 84)
+    (root / "broken.png").write_bytes(b"not a png")
+    command = [*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract", "--input", str(root), *CPU_FP32]
+    done = subprocess.run([*command, "--out", str(tmp_path / "a.h5"), "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ChildFailedError" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["written"], summary["failed"], summary["exit_code"]) == (4, 1, 0)
+    strict = subprocess.run([*command, "--out", str(tmp_path / "b.h5"), "--strict", "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert strict.returncode != 0
+    assert json.loads(strict.stdout)["exit_code"] == 3

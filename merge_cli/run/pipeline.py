@@ -79,13 +79,25 @@ class RunSummary:
     compute_dtype: str = ""
     store_dtype: str = ""
     world_size: int = 1
+    torchrun: bool = False
+    """The ranks were connected (torchrun): partial failure then exits 0 unless `strict`."""
+    strict: bool = False
     timings: Timings = field(default_factory=Timings)
     failures: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.failed else 0
+        """3 when inputs failed, 0 otherwise; under torchrun 0 unless --strict.
+
+        torchrun's elastic agent reads any non-zero exit as a crashed worker: it tears the job
+        down and prints ChildFailedError, although a run with a few bad files produced a sound
+        output. So every rank exits 0 and rank 0's summary says how many failed; --strict makes
+        failures fatal (exit 3 on every rank).
+        """
+        if not self.failed:
+            return 0
+        return 3 if self.strict or not self.torchrun else 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -189,6 +201,8 @@ def _run_claimed(
         compute_dtype=compute_dtype,
         store_dtype=store_dtype,
         world_size=dist.world_size,
+        torchrun=dist.connected,
+        strict=config.strict,
     )
     extractor = FeatureExtractor(
         tower,
@@ -575,6 +589,9 @@ def _extract_loop(
                     break
                 continue
             run(batcher.add(result))
+            if config.strict and reporter.failures:  # under torchrun: another rank's failure too
+                summary.stopped_early = True
+                break
         if not summary.stopped_early:
             run(batcher.flush())
     finally:
