@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional, TypeVar
+from typing import Annotated, Any, NamedTuple, NoReturn, Optional, TypeVar
 
 import typer
 
@@ -93,7 +93,21 @@ def check_grid(
         Optional[str],
         typer.Argument(help="A size HxW (height first, e.g. 252x448) or an image/video file.", show_default=False),
     ] = None,
-    patch_size: Annotated[int, typer.Option(min=1, help="Tower patch size in pixels.")] = 14,
+    tower: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Answer with extract's exact rule for this checkpoint folder ('demo' or a folder): "
+            "its patch size, its processor under --preprocess, its refusals.",
+            show_default=False,
+        ),
+    ] = None,
+    preprocess: Annotated[
+        Optional[Preprocess],
+        typer.Option(help="With --tower: checkpoint or native (default: the tower's, as extract).", show_default=False),
+    ] = None,
+    patch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Tower patch size in pixels (default: 14, or the tower's).", show_default=False)
+    ] = None,
     merge_size: Annotated[int, typer.Option(min=1, help="Merge window side (2 = 2x2).")] = 2,
     min_pixels: Annotated[
         Optional[int], typer.Option(min=1, help="Resize floor in pixels (default: 4 * factor^2).", show_default=False)
@@ -118,7 +132,7 @@ def check_grid(
     """Is a size a valid merge grid, and what would the resize policy make of it?
 
     Exit 0 when it already is a valid grid, 1 when it is not (the output still shows the resized
-    size), 2 for unusable input.
+    size, or why extract refuses it), 2 for unusable input.
     """
     from merge_cli.media import grid
     from merge_cli.report import render_check_grid
@@ -128,13 +142,14 @@ def check_grid(
             fail("give either a size/file or --tokens, not both", 2, json_output)
         if tokens < 1:
             fail(f"--tokens must be a positive number of tokens; got {tokens}", 2, json_output)
-        report = grid.describe_tokens(tokens, patch_size, merge_size)
+        report = grid.describe_tokens(tokens, patch_size or grid.DEFAULT_PATCH_SIZE, merge_size)
     else:
         if target is None:
             fail("give a size HxW (e.g. 252x448), an image or video file, or --tokens N", 2, json_output)
-        report = run_core(
-            lambda: _describe_target(target, patch_size, merge_size, min_pixels, max_pixels, size), json_output
-        )
+        if preprocess is not None and tower is None:
+            fail("--preprocess needs --tower (which checkpoint's processor to follow)", 2, json_output)
+        settings = _GridSettings(tower, preprocess.value if preprocess else None, patch_size, merge_size, min_pixels, max_pixels, size)
+        report = run_core(lambda: _describe_target(target, settings), json_output)
     if json_output:
         print_json(report)
     else:
@@ -142,14 +157,17 @@ def check_grid(
     raise typer.Exit(0 if report["valid"] else 1)
 
 
-def _describe_target(
-    target: str,
-    patch_size: int,
-    merge_size: int,
-    min_pixels: int | None,
-    max_pixels: int | None,
-    size: str | None,
-) -> dict:
+class _GridSettings(NamedTuple):
+    tower: str | None
+    preprocess: str | None
+    patch_size: int | None
+    merge_size: int
+    min_pixels: int | None
+    max_pixels: int | None
+    size: str | None
+
+
+def _describe_target(target: str, settings: _GridSettings) -> dict:
     from merge_cli.errors import MediaError, UsageError
     from merge_cli.media import grid
 
@@ -170,15 +188,56 @@ def _describe_target(
         height, width, source = info.height, info.width, info.kind
     else:
         height, width = grid.parse_hw(target)
-    fixed = grid.parse_hw(size) if size else None
-    factor = grid.merge_factor(patch_size, merge_size)
+    fixed = grid.parse_hw(settings.size) if settings.size else None
+    report: dict = {"input": target, "source": source}
+    if settings.tower is not None:
+        return _describe_with_tower(target, path, source, height, width, fixed, settings, report)
+    patch_size = settings.patch_size or grid.DEFAULT_PATCH_SIZE
+    min_pixels, max_pixels = settings.min_pixels, settings.max_pixels
+    factor = grid.merge_factor(patch_size, settings.merge_size)
     if source == "video" and max_pixels is None:
         from merge_cli.config import default_video_max_pixels
 
         max_pixels = default_video_max_pixels(factor)
         min_pixels = min(min_pixels or 4 * factor**2, max_pixels)
-    policy = grid.ResizePolicy(patch_size, merge_size, min_pixels, max_pixels, fixed)
-    report = {"input": target, "source": source}
+    policy = grid.ResizePolicy(patch_size, settings.merge_size, min_pixels, max_pixels, fixed)
+    report.update(grid.describe_size(height, width, policy))
+    return report
+
+
+def _describe_with_tower(target, path, source, height, width, fixed, settings: _GridSettings, report: dict) -> dict:
+    """extract's own rule for the checkpoint: the same MediaOptions extract builds, and for a video
+    file the same frame count (plan_sample) that sets its per-frame budget."""
+    from merge_cli.config import ExtractConfig
+    from merge_cli.errors import UsageError
+    from merge_cli.media import grid
+    from merge_cli.media.processor import read_checkpoint_vision
+
+    vision = read_checkpoint_vision(settings.tower)
+    if settings.patch_size is not None and settings.patch_size != vision.patch_size:
+        raise UsageError(f"--patch-size {settings.patch_size} differs from the tower's patch size {vision.patch_size}")
+    config = ExtractConfig(
+        inputs=(target,),
+        out="unused",
+        tower=settings.tower,
+        preprocess=settings.preprocess,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
+        size=fixed,
+        merge_size=settings.merge_size,
+    )
+    media = config.media_options(vision)
+    policy = media.policy
+    report.update(tower=settings.tower, preprocess=media.mode)
+    if source == "video":
+        from merge_cli.media.images import video_frame_policy
+        from merge_cli.media.probe import probe_video
+        from merge_cli.media.video import sample_frame_indices
+
+        info = probe_video(path, stage="open")
+        frames = len(sample_frame_indices(info.num_frames, info.fps or 0.0, media.video))
+        policy = video_frame_policy(media, max(1, frames))
+        report["frames"] = frames
     report.update(grid.describe_size(height, width, policy))
     return report
 
@@ -203,6 +262,16 @@ class Compression(str, Enum):
     lzf = "lzf"
     gzip = "gzip"
     zstd = "zstd"
+
+
+class Preprocess(str, Enum):
+    checkpoint = "checkpoint"
+    native = "native"
+
+
+class TemporalPositions(str, Enum):
+    index = "index"
+    spread = "spread"
 
 
 class Batching(str, Enum):
@@ -341,6 +410,23 @@ def extract_command(
             help="Resize everything to exactly HxW (a valid grid).", rich_help_panel=_RESIZE, show_default=False
         ),
     ] = None,
+    preprocess: Annotated[
+        Optional[Preprocess],
+        typer.Option(
+            help="Who decides sizes: the checkpoint's own processor, or merge-cli's native policy "
+            "(default: checkpoint for Qwen2-VL, Qwen2.5-VL and SigLIP2 NaFlex, native otherwise).",
+            rich_help_panel=_RESIZE,
+            show_default=False,
+        ),
+    ] = None,
+    temporal_positions: Annotated[
+        TemporalPositions,
+        typer.Option(
+            help="OneVision video: temporal positions 0..T-1 (index) or spread over the rotary table "
+            "as the model card does (spread).",
+            rich_help_panel=_VIDEO,
+        ),
+    ] = TemporalPositions.index,
     fast_decode: Annotated[
         bool,
         typer.Option(
@@ -359,7 +445,10 @@ def extract_command(
         int,
         typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).", rich_help_panel=_INPUTS),
     ] = 89478485,
-    fps: Annotated[float, typer.Option(help="Frames sampled per second of video.", rich_help_panel=_VIDEO)] = 2.0,
+    fps: Annotated[
+        Optional[float],
+        typer.Option(help="Frames sampled per second of video (default: 2).", rich_help_panel=_VIDEO, show_default=False),
+    ] = None,
     num_frames: Annotated[
         Optional[int],
         typer.Option(
@@ -370,9 +459,23 @@ def extract_command(
         ),
     ] = None,
     min_frames: Annotated[
-        int, typer.Option(min=1, help="At least this many frames (when the video has them).", rich_help_panel=_VIDEO)
-    ] = 4,
-    max_frames: Annotated[int, typer.Option(min=1, help="At most this many frames.", rich_help_panel=_VIDEO)] = 32,
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="At least this many frames when the video has them (default: 4).",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
+    ] = None,
+    max_frames: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="At most this many frames (default: 32; Qwen's own rules 768).",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
+    ] = None,
     video_start: Annotated[
         Optional[float],
         typer.Option(help="Seconds into the video to start sampling.", rich_help_panel=_VIDEO, show_default=False),
@@ -490,6 +593,8 @@ def extract_command(
             strict=strict,
             rank=rank,
             world_size=world_size,
+            preprocess=preprocess.value if preprocess else None,
+            temporal_positions=temporal_positions.value,
         )
 
     # Any problem before the first sample is processed means the run could not start: exit 1.

@@ -7,9 +7,13 @@ settings that change the numbers are hashed into the output's `config_hash`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from merge_cli.errors import UsageError
-from merge_cli.media.grid import ResizePolicy
+from merge_cli.media.grid import PREPROCESS_MODES, ResizePolicy
+
+if TYPE_CHECKING:
+    from merge_cli.media.processor import CheckpointVision
 
 # Pillow's own default decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept explicit here.
 PILLOW_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
@@ -25,18 +29,25 @@ def default_video_total_pixels(factor: int) -> int:
     return 32 * default_video_max_pixels(factor)
 
 
+VIDEO_RULES = ("native", "qwen")
+
+
 @dataclass(frozen=True)
 class VideoOptions:
-    """How frames are sampled from a video and how large each may be."""
+    """How frames are sampled from a video and how large each may be.
 
-    fps: float | None = 2.0
-    """Frames sampled per second of video; ignored when `num_frames` is set."""
+    Settings left None are filled by `resolved` from the preprocessing mode's defaults
+    (merge_cli.media.processor.video_defaults); a value given here always wins.
+    """
+
+    fps: float | None = None
+    """Frames sampled per second of video [default: 2]; ignored when `num_frames` is set."""
     num_frames: int | None = None
     """Sample exactly this many frames (still bounded by the frames the video has)."""
-    min_frames: int = 4
-    """Lower bound on the number of sampled frames when the video has that many."""
-    max_frames: int = 32
-    """Upper bound on the number of sampled frames."""
+    min_frames: int | None = None
+    """Lower bound on the number of sampled frames when the video has that many [default: 4]."""
+    max_frames: int | None = None
+    """Upper bound on the number of sampled frames [default: 32; 768 for Qwen's own rules]."""
     start: float | None = None
     """Seconds into the video where sampling starts."""
     end: float | None = None
@@ -45,36 +56,63 @@ class VideoOptions:
     """Per-frame resize ceiling in pixels [default: 64 * factor^2]."""
     total_pixels: int | None = None
     """Budget over all sampled frames in pixels [default: 32 * 64 * factor^2]."""
+    min_pixels: int | None = None
+    """Per-frame resize floor in pixels [default: the image policy's; Qwen's rules 128 * factor^2]."""
+    rule: str = "native"
+    """`native`, or `qwen`: qwen-vl-utils' frame count (floored to `frame_multiple`) and per-frame
+    ceiling (an even share of `total_pixels` per temporal patch, at least 1.05 x min_pixels)."""
+    frame_multiple: int = 1
+    """The frame count is a multiple of this (Qwen's temporal patch size) under the qwen rule."""
+    resample: str | None = None
+    """Resampling filter for frames [default: the image policy's]."""
 
     def __post_init__(self) -> None:
-        if self.fps is None and self.num_frames is None:
-            raise UsageError("give --fps or --num-frames: how many frames to sample from each video")
         if self.fps is not None and self.fps <= 0:
             raise UsageError(f"--fps must be positive; got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
             raise UsageError(f"--num-frames must be at least 1; got {self.num_frames}")
-        if self.min_frames < 1:
+        if self.min_frames is not None and self.min_frames < 1:
             raise UsageError(f"--min-frames must be at least 1; got {self.min_frames}")
-        if self.max_frames < self.min_frames:
+        if self.max_frames is not None and self.min_frames is not None and self.max_frames < self.min_frames:
             raise UsageError(f"--max-frames {self.max_frames} is below --min-frames {self.min_frames}")
         if self.start is not None and self.start < 0:
             raise UsageError(f"--video-start must not be negative; got {self.start}")
         if self.start is not None and self.end is not None and self.end <= self.start:
             raise UsageError(f"--video-end {self.end} must be after --video-start {self.start}")
-        for name in ("max_pixels", "total_pixels"):
+        for name in ("max_pixels", "total_pixels", "min_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"video {name} must be positive; got {value}")
+        if self.rule not in VIDEO_RULES:
+            raise UsageError(f"video rule must be one of {', '.join(VIDEO_RULES)}; got {self.rule!r}")
+        if self.frame_multiple < 1:
+            raise UsageError(f"frame_multiple must be positive; got {self.frame_multiple}")
 
-    def resolved(self, factor: int) -> VideoOptions:
-        """A copy with the pixel defaults filled in for this merge factor."""
+    def resolved(self, factor: int, defaults: dict | None = None) -> VideoOptions:
+        """A copy with every unset setting filled in from `defaults` (a mode's video defaults;
+        the native ones when None) for this merge factor. The rule, frame multiple and filter
+        come from `defaults` when given."""
         from dataclasses import replace
 
-        return replace(
-            self,
-            max_pixels=self.max_pixels or default_video_max_pixels(factor),
-            total_pixels=self.total_pixels or default_video_total_pixels(factor),
-        )
+        if defaults is None:
+            defaults = {
+                "fps": 2.0,
+                "min_frames": 4,
+                "max_frames": 32,
+                "max_pixels": default_video_max_pixels(factor),
+                "total_pixels": default_video_total_pixels(factor),
+            }
+        filled = {
+            name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
+            for name in ("fps", "min_frames", "max_frames", "max_pixels", "total_pixels", "min_pixels", "resample")
+        }
+        if "rule" in defaults:
+            filled.update(rule=defaults["rule"], frame_multiple=defaults["frame_multiple"])
+        if self.min_frames is None and self.max_frames is not None:
+            filled["min_frames"] = min(filled["min_frames"], self.max_frames)
+        if self.max_frames is None and self.min_frames is not None:
+            filled["max_frames"] = max(filled["max_frames"], self.min_frames)
+        return replace(self, **filled)
 
 
 @dataclass(frozen=True)
@@ -90,11 +128,19 @@ class MediaOptions:
     """Read animated images as videos instead of taking their first frame."""
     max_image_pixels: int | None = PILLOW_MAX_IMAGE_PIXELS
     """Decompression-bomb guard: images with more pixels are refused (None: no limit)."""
+    rescale_factor: float = 1 / 255
+    """Pixel values are multiplied by this before mean/std (the checkpoint's processor says)."""
+    video_defaults: dict | None = None
+    """The mode's video defaults (processor.video_defaults); None: the native ones."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "video", self.video.resolved(self.policy.factor))
+        object.__setattr__(self, "video", self.video.resolved(self.policy.factor, self.video_defaults))
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be positive; got {self.max_image_pixels}")
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
 
     def to_dict(self) -> dict:
         return {
@@ -103,10 +149,13 @@ class MediaOptions:
             "fast_decode": self.fast_decode,
             "gif_as_video": self.gif_as_video,
             "max_image_pixels": self.max_image_pixels,
+            "rescale_factor": self.rescale_factor,
+            "preprocess": self.policy.mode,
         }
 
 
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+TEMPORAL_POSITIONS = ("index", "spread")
 OUTPUT_KINDS = ("projected", "merged")
 BATCHING_MODES = ("pack", "bucket")
 RESUME_MODES = ("auto", "resume", "overwrite")
@@ -184,8 +233,20 @@ class ExtractConfig:
     rank: int | None = None
     """This process's rank when splitting work by hand (Slurm arrays); torchrun sets it otherwise."""
     world_size: int | None = None
+    preprocess: str | None = None
+    """`checkpoint` (the checkpoint's processor decides sizes) or `native` (merge-cli's policy)
+    [default: checkpoint for Qwen2-VL, Qwen2.5-VL and SigLIP2 NaFlex, native for the rest]."""
+    temporal_positions: str = "index"
+    """OneVision video: temporal rotary positions 0..T-1 (`index`) or spread over the rotary
+    table (`spread`: linspace(0, rope_temporal_size - 1, T), as the model card builds them)."""
 
     def __post_init__(self) -> None:
+        if self.preprocess is not None and self.preprocess not in PREPROCESS_MODES:
+            raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {self.preprocess!r}")
+        if self.temporal_positions not in TEMPORAL_POSITIONS:
+            raise UsageError(
+                f"--temporal-positions must be one of {', '.join(TEMPORAL_POSITIONS)}; got {self.temporal_positions!r}"
+            )
         if not self.inputs:
             raise UsageError("give at least one --input")
         if self.output is not None and self.output not in OUTPUT_KINDS:
@@ -213,10 +274,26 @@ class ExtractConfig:
         if self.world_size is not None and not 0 <= (self.rank or 0) < self.world_size:
             raise UsageError(f"--rank must be in [0, {self.world_size}); got {self.rank}")
 
-    def media_options(self, patch_size: int) -> MediaOptions:
-        """Media settings for a tower with this patch size (the resize factor depends on it)."""
-        policy = ResizePolicy(patch_size, self.merge_size, self.min_pixels, self.max_pixels, self.size)
-        return MediaOptions(policy, self.video, self.fast_decode, self.gif_as_video, self.max_image_pixels)
+    def media_options(self, vision: CheckpointVision | int) -> MediaOptions:
+        """Media settings for the tower `vision` describes (`read_checkpoint_vision(self.tower)`),
+        or, given a patch size, the native policy for a tower without a processor config."""
+        from merge_cli.media import processor
+
+        if isinstance(vision, int):
+            vision = processor.CheckpointVision("demo", vision)
+        mode = processor.resolve_mode(vision, self.preprocess)
+        policy = processor.resize_policy(
+            vision, mode, merge_size=self.merge_size, min_pixels=self.min_pixels, max_pixels=self.max_pixels, size=self.size
+        )
+        return MediaOptions(
+            policy,
+            self.video,
+            self.fast_decode,
+            self.gif_as_video,
+            self.max_image_pixels,
+            rescale_factor=vision.rescale_factor,
+            video_defaults=processor.video_defaults(vision, mode, policy.factor),
+        )
 
     @property
     def output_kind(self) -> str:

@@ -78,6 +78,9 @@ class Item:
     resized_hw: tuple[int, int]
     decoder: str
     """What read the pixels: pillow, decord or pyav."""
+    processor_grid: tuple[int, int] | None = None
+    """The patch grid the checkpoint's processor gives (differs from the grid used only when that
+    one could not merge and was made even); None when unknown."""
     frame_indices: list[int] = field(default_factory=list)
     """For videos: the source frame index of every sampled frame."""
     frame_times: list[float] = field(default_factory=list)
@@ -103,6 +106,8 @@ class Features:
     decoder: str
     frame_indices: list[int] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)
+    processor_grid: tuple[int, int] | None = None
+    """Patch rows and columns the checkpoint's processor gives (grid_thw's unless made even)."""
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:

@@ -34,23 +34,41 @@ def _render_size_report(report: dict, console: Console) -> None:
         table.add_row("tokens", f"{report['tokens']} -> {report['merged_tokens']} after merging")
     else:
         table.add_row("valid", f"[red]no[/]: {report['problem']}")
+    if "tower" in report:
+        frames = f", {report['frames']} frames sampled" if "frames" in report else ""
+        table.add_row("tower", f"{report['tower']} (--preprocess {report['preprocess']}{frames})")
     resized = report.get("resized")
     if resized is None:
-        table.add_row("resized", f"[red]cannot resize[/]: {report.get('resize_error')}")
+        table.add_row("resized", f"[red]refused by extract[/]: {report.get('resize_error')}")
     else:
-        policy = report["policy"]
-        rule = f"fixed {_hw(policy['size'])}" if policy["kind"] == "fixed" else (
-            f"smart, {policy['min_pixels']:,}..{policy['max_pixels']:,} px"
-        )
         note = "" if resized["changed"] else " (unchanged)"
-        table.add_row("resize policy", rule)
+        table.add_row("resize policy", _policy_text(report["policy"]))
+        if resized.get("crop") and resized.get("resize") and list(resized["crop"][2:]) != list(resized["resize"]):
+            note += f" (resized to {_hw(resized['resize'])}, then cropped)"
         table.add_row("resized to", f"{_hw(resized['size'])}{note}")
+        even = (
+            f" (the processor's {_hw(resized['processor_grid'])} made even)" if resized.get("made_even") else ""
+        )
         table.add_row(
             "resized grid",
-            f"{_hw(resized['patch_grid'])} -> merged {_hw(resized['merged_grid'])}",
+            f"{_hw(resized['patch_grid'])} -> merged {_hw(resized['merged_grid'])}{even}",
         )
         table.add_row("resized tokens", f"{resized['tokens']} -> {resized['merged_tokens']} after merging")
     console.print(table)
+
+
+def _policy_text(policy: dict) -> str:
+    kind, resample = policy["kind"], policy.get("resample", "bicubic")
+    if kind == "fixed":
+        rule = f"fixed {_hw(policy['size'] or policy.get('fit'))}"
+    elif kind == "shortest_edge":
+        crop = f", center crop {_hw(policy['crop'])}" if policy.get("crop") else ""
+        rule = f"shortest edge {policy['shortest_edge']}{crop}"
+    elif kind == "naflex":
+        rule = f"NaFlex, at most {policy['max_num_patches']:,} patches"
+    else:
+        rule = f"smart, {policy['min_pixels']:,}..{policy['max_pixels']:,} px"
+    return f"{rule}, {resample}"
 
 
 def _render_tokens_report(report: dict, console: Console) -> None:
@@ -107,6 +125,12 @@ def render_extract_summary(summary: dict, console: Console) -> None:
     table.add_row("batches", f"{summary['batches']:,}, {summary['batch_fill']:.0%} of the token budget filled")
     tower = summary["tower"] + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
     table.add_row("tower", f"{tower}, output {summary['output']}, stored as {summary['store_dtype']}")
+    made_even = summary.get("made_even", 0)
+    table.add_row(
+        "preprocess",
+        f"{summary.get('preprocess', 'native')}"
+        + (f", {made_even:,} {'grid' if made_even == 1 else 'grids'} made even (both grids stored)" if made_even else ""),
+    )
     console.print(table)
     if summary["failures"]:
         shown, failed = len(summary["failures"]), summary["failed"]
@@ -125,7 +149,8 @@ def render_extract_summary(summary: dict, console: Console) -> None:
 
 _PROVENANCE = (
     "tower", "tower_hash", "tower_is_demo", "projector", "projector_hash", "output", "layer", "patch_size",
-    "merge_size", "temporal_patch_size", "compute_dtype", "store_dtype", "compression", "resize_policy",
+    "merge_size", "temporal_patch_size", "compute_dtype", "store_dtype", "compression", "preprocess",
+    "temporal_positions", "resize_policy",
     "video_options", "media_options", "config_hash", "merge_cli_version",
 )
 """Root attributes shown first by inspect, in this order; `settings` is left to --json."""

@@ -33,6 +33,10 @@ def test_valid_size_json(cli):
         "tokens": 576,
         "merged_tokens": 144,
         "changed": False,
+        "resize": [252, 448],
+        "crop": [0, 0, 252, 448],
+        "processor_grid": [18, 32],
+        "made_even": False,
     }
 
 

@@ -271,9 +271,8 @@ def test_plan_matches_decoding(clip):
         assert plan_sample(Sample("clip.mp4", clip, "video"), options) == (item.num_frames, height // 14, width // 14)
 
 
-def test_video_options_need_a_rate_or_a_count():
-    from merge_cli.errors import UsageError
-
-    with pytest.raises(UsageError, match="--fps or --num-frames"):
-        VideoOptions(fps=None)
-    assert VideoOptions(fps=None, num_frames=8).num_frames == 8
+def test_unset_video_options_take_the_mode_defaults():
+    native = VideoOptions().resolved(28)
+    assert (native.fps, native.min_frames, native.max_frames, native.rule) == (2.0, 4, 32, "native")
+    assert VideoOptions(fps=None, num_frames=8).resolved(28).num_frames == 8
+    assert VideoOptions(max_frames=2).resolved(28).min_frames == 2  # an explicit bound moves the default one

@@ -17,6 +17,12 @@ DEFAULT_PATCH_SIZE = 14
 DEFAULT_MERGE_SIZE = 2
 MAX_ASPECT_RATIO = 200.0
 
+
+
+class TooSmallError(GridError):
+    """A source with a side shorter than one merge window: refused by every resize rule."""
+
+
 _SIZE_PATTERN = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*$")
 
 
@@ -104,13 +110,83 @@ def smart_resize(
     return new_h, new_w
 
 
+RESAMPLE_FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
+"""Pillow's resampling filters by name, in the order of their enum values (what a Hugging Face
+preprocessor config's integer `resample` means)."""
+RESIZE_RULES = ("smart", "fixed", "shortest_edge", "naflex")
+PREPROCESS_MODES = ("checkpoint", "native")
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """What happens to one input of a given size: resize, crop, and the grid that results.
+
+    The source is resized to `resize_hw` (with the policy's filter); then the window `crop`
+    (top, left, height, width) of the resized image is kept. `processor_grid` is the patch grid
+    the checkpoint's processor gives; `grid` the one used, which always merges (they differ
+    only when the processor's grid has a side that does not divide by the merge size).
+    """
+
+    resize_hw: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    processor_grid: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def final_hw(self) -> tuple[int, int]:
+        return self.crop[2], self.crop[3]
+
+    @property
+    def made_even(self) -> bool:
+        return self.processor_grid != self.grid
+
+
+def even_grid(grid: tuple[int, int], merge_size: int, budget: int | None = None) -> tuple[int, int]:
+    """The smallest change that makes a patch grid mergeable: every side that does not divide by
+    `merge_size` grows to the next multiple (27 -> 28); when that would exceed a token `budget`
+    (NaFlex's max_num_patches), such sides shrink to the multiple below instead (21 -> 20),
+    never below `merge_size` (so a one-patch side still becomes two, even past the budget)."""
+    up = tuple(-(-n // merge_size) * merge_size for n in grid)
+    if budget is None or up[0] * up[1] <= budget:
+        return up  # type: ignore[return-value]
+    return tuple(n if n % merge_size == 0 else max(merge_size, n // merge_size * merge_size) for n in grid)  # type: ignore[return-value]
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """SigLIP2 NaFlex's target size: the largest scale (found by bisection to 1e-5) at which both
+    sides, each ceiled to a whole number of patches (at least one), hold at most
+    `max_num_patches` patches. The same search as transformers' Siglip2 image processor."""
+
+    def scaled(scale: float, side: int) -> int:
+        return max(patch_size, math.ceil(side * scale / patch_size) * patch_size)
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        middle = (low + high) / 2
+        if (scaled(middle, height) / patch_size) * (scaled(middle, width) / patch_size) <= max_num_patches:
+            low = middle
+        else:
+            high = middle
+    return scaled(low, height), scaled(low, width)
+
+
 @dataclass(frozen=True)
 class ResizePolicy:
-    """How every input is resized before the tower: Qwen2-VL's smart resize, or a fixed size.
+    """How every input is resized before the tower.
 
+    Rules (`rule`):
+      smart          Qwen2-VL's smart resize within [min_pixels, max_pixels] (the native policy,
+                     and Qwen's own processor)
+      fixed          resize to `fit` (a checkpoint processor's height/width, e.g. SigLIP 384x384)
+      shortest_edge  shortest side to `shortest_edge` (the long side floored), then a center
+                     crop to `crop` when set (CLIP, DINOv2)
+      naflex         SigLIP2 NaFlex: the largest patch-aligned size with <= max_num_patches
+    `size` (the user's --size) overrides every rule and must itself be a valid merge grid.
     `min_pixels` / `max_pixels` default to 4 and 1280 merged tokens' worth of pixels
-    (4 * factor**2 and 1280 * factor**2). With `size` set, every input is resized to exactly that
-    size, which must itself be a valid merge grid.
+    (4 * factor**2 and 1280 * factor**2). Every rule keeps only whole patches (the remainder
+    pixels at the bottom and right, as a stride-p convolution drops them) and makes a grid
+    that cannot merge even (`even_grid`). Sources with a side below one merge window are
+    refused by every rule.
     """
 
     patch_size: int = DEFAULT_PATCH_SIZE
@@ -119,20 +195,40 @@ class ResizePolicy:
     max_pixels: int | None = None
     size: tuple[int, int] | None = None
     max_aspect_ratio: float = MAX_ASPECT_RATIO
+    rule: str = "smart"
+    fit: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+    crop: tuple[int, int] | None = None
+    max_num_patches: int | None = None
+    resample: str = "bicubic"
+    mode: str = "native"
+    """Who decided the size: `native` (merge-cli's policy) or `checkpoint` (its processor)."""
 
     def __post_init__(self) -> None:
         if self.patch_size < 1:
             raise UsageError(f"patch size must be positive; got {self.patch_size}")
         if self.merge_size < 1:
             raise UsageError(f"merge size must be positive; got {self.merge_size}")
+        if self.rule not in RESIZE_RULES:
+            raise UsageError(f"resize rule must be one of {', '.join(RESIZE_RULES)}; got {self.rule!r}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise UsageError(f"resample filter must be one of {', '.join(RESAMPLE_FILTERS)}; got {self.resample!r}")
+        if self.mode not in PREPROCESS_MODES:
+            raise UsageError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}; got {self.mode!r}")
+        needs = {"fixed": self.fit, "shortest_edge": self.shortest_edge, "naflex": self.max_num_patches}
+        if self.rule in needs and needs[self.rule] is None:
+            raise UsageError(f"the {self.rule} resize rule needs its size setting")
         factor = self.factor
         # Resolve the defaults once so that the policy is fully explicit when recorded.
         if self.min_pixels is None:
             object.__setattr__(self, "min_pixels", 4 * factor**2)
         if self.max_pixels is None:
             object.__setattr__(self, "max_pixels", 1280 * factor**2)
+        for name in ("size", "fit", "crop"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, (int(value[0]), int(value[1])))
         if self.size is not None:
-            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
             problem = grid_problem(*self.size, self.patch_size, self.merge_size)
             if problem:
                 raise GridError(f"fixed size {format_hw(*self.size)} is not a valid merge grid: {problem}")
@@ -147,32 +243,110 @@ class ResizePolicy:
     def factor(self) -> int:
         return merge_factor(self.patch_size, self.merge_size)
 
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """The pixel size an input of `height x width` is resized to."""
+    @property
+    def kind(self) -> str:
+        """`fixed` for the user's --size, else the rule."""
+        return "fixed" if self.size is not None else self.rule
+
+    def plan(self, height: int, width: int) -> ResizePlan:
+        """Resize, crop and grid for a source of `height x width`; GridError when refused.
+
+        Refused: an empty size, a side shorter than one merge window (a 5x5 image would be blown
+        up to 56x56, every token made of interpolated pixels), an aspect ratio above the limit.
+        """
+        if height <= 0 or width <= 0:
+            raise GridError(f"cannot resize an empty image ({height}x{width})")
+        factor, p = self.factor, self.patch_size
+        if min(height, width) < factor:
+            raise TooSmallError(
+                f"{height}x{width} is smaller than one {factor}x{factor} merge window; not upscaling it"
+            )
+        ratio = max(height, width) / min(height, width)
+        if ratio > self.max_aspect_ratio:
+            raise GridError(
+                f"aspect ratio {ratio:.1f} of {height}x{width} exceeds the limit {self.max_aspect_ratio:g}"
+            )
         if self.size is not None:
-            if height <= 0 or width <= 0:
-                raise GridError(f"cannot resize an empty image ({height}x{width})")
-            return self.size
+            return self._fixed(self.size)
+        if self.rule == "fixed":
+            assert self.fit is not None
+            return self._fixed(self.fit)
+        if self.rule == "shortest_edge":
+            return self._shortest_edge(height, width)
+        if self.rule == "naflex":
+            assert self.max_num_patches is not None
+            size = naflex_size(height, width, p, self.max_num_patches)
+            grid = (size[0] // p, size[1] // p)
+            used = even_grid(grid, self.merge_size, self.max_num_patches)
+            resize = (used[0] * p, used[1] * p)
+            return ResizePlan(resize, (0, 0, *resize), grid, used)
         assert self.min_pixels is not None and self.max_pixels is not None  # set in __post_init__
-        return smart_resize(
-            height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio
-        )
+        resize = smart_resize(height, width, factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
+        grid = (resize[0] // p, resize[1] // p)
+        return ResizePlan(resize, (0, 0, *resize), grid, grid)
+
+    def _fixed(self, size: tuple[int, int]) -> ResizePlan:
+        p = self.patch_size
+        grid = (size[0] // p, size[1] // p)
+        used = even_grid(grid, self.merge_size)
+        if used == grid:  # keep the whole patches, as the convolution does
+            return ResizePlan(size, (0, 0, grid[0] * p, grid[1] * p), grid, grid)
+        resize = (used[0] * p, used[1] * p)  # as the processor would with this size
+        return ResizePlan(resize, (0, 0, *resize), grid, used)
+
+    def _shortest_edge(self, height: int, width: int) -> ResizePlan:
+        assert self.shortest_edge is not None
+        p = self.patch_size
+
+        def resized(edge: int) -> tuple[int, int]:
+            if height <= width:  # the long side floored, as transformers does
+                return edge, int(edge * width / height)
+            return int(edge * height / width), edge
+
+        resize = resized(self.shortest_edge)
+        window = self.crop or resize
+        if window[0] > resize[0] or window[1] > resize[1]:
+            raise GridError(
+                f"the center crop {format_hw(*window)} is larger than the resized image {format_hw(*resize)}"
+            )
+        grid = (window[0] // p, window[1] // p)
+        used = even_grid(grid, self.merge_size)
+        if used == grid:
+            top, left = (resize[0] - window[0]) // 2, (resize[1] - window[1]) // 2
+            return ResizePlan(resize, (top, left, grid[0] * p, grid[1] * p), grid, grid)
+        want = (used[0] * p, used[1] * p)
+        if self.crop is None:  # no crop: the resized image itself becomes the even size
+            return ResizePlan(want, (0, 0, *want), grid, used)
+        # The processor with its crop and shortest edge scaled alike, so the crop fits.
+        edge = math.ceil(self.shortest_edge * max(want[0] / window[0], want[1] / window[1]))
+        resize = resized(edge)
+        top, left = (resize[0] - want[0]) // 2, (resize[1] - want[1]) // 2
+        return ResizePlan(resize, (top, left, *want), grid, used)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The pixel size the tower sees for an input of `height x width` (after any crop)."""
+        return self.plan(height, width).final_hw
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid (h, w) of an input of `height x width` after resizing."""
-        return patch_grid(*self.target_size(height, width), self.patch_size)
+        return self.plan(height, width).grid
+
+    def with_pixels(self, min_pixels: int | None, max_pixels: int) -> ResizePolicy:
+        """The same policy with other pixel bounds (video frames use their own)."""
+        from dataclasses import replace
+
+        low = min(self.min_pixels or 0, max_pixels) if min_pixels is None else min(min_pixels, max_pixels)
+        return replace(self, min_pixels=low, max_pixels=max_pixels)
 
     def with_max_pixels(self, max_pixels: int) -> ResizePolicy:
         """The same policy with another pixel ceiling (video frames use their own)."""
-        min_pixels = min(self.min_pixels or 0, max_pixels)
-        return ResizePolicy(
-            self.patch_size, self.merge_size, min_pixels, max_pixels, self.size, self.max_aspect_ratio
-        )
+        return self.with_pixels(None, max_pixels)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["kind"] = "fixed" if self.size is not None else "smart"
-        data["size"] = list(self.size) if self.size is not None else None
+        data["kind"] = self.kind
+        for name in ("size", "fit", "crop"):
+            data[name] = list(data[name]) if data[name] is not None else None
         return data
 
     def to_json(self) -> str:
@@ -220,12 +394,13 @@ def describe_size(height: int, width: int, policy: ResizePolicy) -> dict:
         "policy": policy.to_dict(),
     }
     try:
-        new_h, new_w = policy.target_size(height, width)
+        plan = policy.plan(height, width)
     except GridError as error:
         report["resized"] = None
         report["resize_error"] = str(error)
         return report
-    grid_h, grid_w = patch_grid(new_h, new_w, patch)
+    new_h, new_w = plan.final_hw
+    grid_h, grid_w = plan.grid
     report["resized"] = {
         "size": [new_h, new_w],
         "patch_grid": [grid_h, grid_w],
@@ -233,6 +408,10 @@ def describe_size(height: int, width: int, policy: ResizePolicy) -> dict:
         "tokens": grid_h * grid_w,
         "merged_tokens": grid_h * grid_w // merge**2,
         "changed": [new_h, new_w] != [height, width],
+        "resize": list(plan.resize_hw),
+        "crop": list(plan.crop),
+        "processor_grid": list(plan.processor_grid),
+        "made_even": plan.made_even,
     }
     report["resize_error"] = None
     return report

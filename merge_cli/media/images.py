@@ -27,7 +27,7 @@ import torch
 from merge_cli.config import MediaOptions
 from merge_cli.errors import GridError, MediaError, error_text
 from merge_cli.media import video
-from merge_cli.media.grid import ResizePolicy, patch_grid
+from merge_cli.media.grid import ResizePlan, ResizePolicy, TooSmallError
 from merge_cli.media.probe import (
     image_orientation,
     pillow_limit_lifted,
@@ -68,13 +68,12 @@ def plan_sample(sample: Sample, options: MediaOptions) -> tuple[int, int, int]:
 
     path = sample.path
     _check_file(path)
-    patch = options.policy.patch_size
     if sample.kind == "image" or path.suffix.lower() in IMAGE_EXTENSIONS:
         with pillow_limit_lifted(), _stage("open"), Image.open(path) as image:
             _check_pixel_limit(image.size, options.max_image_pixels)
             height, width = _displayed_hw(image)
             if sample.kind == "image":
-                return (1, *patch_grid(*_target_size(height, width, options.policy), patch))
+                return (1, *_plan(height, width, options.policy).grid)
             durations = _frame_durations(image)
         indices = _animation_indices(durations, options)
     else:
@@ -84,7 +83,7 @@ def plan_sample(sample: Sample, options: MediaOptions) -> tuple[int, int, int]:
         if not indices:
             raise _empty_range(options, info.num_frames, info.fps)
     policy = video_frame_policy(options, len(indices))
-    return (len(indices), *patch_grid(*_target_size(height, width, policy, "video frame"), patch))
+    return (len(indices), *_plan(height, width, policy, "video frame").grid)
 
 
 def normalize(
@@ -92,10 +91,12 @@ def normalize(
     mean: Sequence[float],
     std: Sequence[float],
     dtype: torch.dtype = torch.float32,
+    rescale: float = 1 / 255,
 ) -> torch.Tensor:
-    """uint8 (T, 3, H, W) -> (x / 255 - mean) / std per channel, in `dtype`, on the pixels' device.
+    """uint8 (T, 3, H, W) -> (x * rescale - mean) / std per channel, in `dtype`, on the pixels' device.
 
-    Computed in float32 (one multiply-add per element) and cast to `dtype` at the end.
+    `rescale` is the checkpoint's rescale_factor (1/255, or 1 when its processor does not
+    rescale). Computed in float32 (one multiply-add per element) and cast to `dtype` at the end.
     """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 pixels; got {pixels.dtype}")
@@ -105,7 +106,7 @@ def normalize(
         raise ValueError(f"mean and std need 3 values each; got {len(mean)} and {len(std)}")
     mean_t = torch.tensor(mean, dtype=torch.float64)
     std_t = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(3, 1, 1).to(pixels.device)
+    scale = (float(rescale) / std_t).to(torch.float32).view(3, 1, 1).to(pixels.device)
     shift = (mean_t / std_t).to(torch.float32).view(3, 1, 1).to(pixels.device)
     return pixels.to(torch.float32).mul_(scale).sub_(shift).to(dtype)
 
@@ -130,12 +131,28 @@ def to_rgb(image):
 def video_frame_policy(options: MediaOptions, num_frames: int) -> ResizePolicy:
     """The resize policy for every frame of a video with `num_frames` sampled frames.
 
-    Ceiling: min(video max_pixels, video total_pixels / num_frames), never below one merge window.
+    native: ceiling min(video max_pixels, video total_pixels / num_frames), never below one merge
+    window. qwen (Qwen's own rules): floor video min_pixels, ceiling qwen-vl-utils' share of the
+    total per temporal patch (processor.qwen_frame_ceiling). Only the smart rule has pixel
+    bounds: the other checkpoint rules size a frame as their processor sizes an image.
     """
     policy, settings = options.policy, options.video
     assert settings.max_pixels is not None and settings.total_pixels is not None  # resolved in MediaOptions
+    if settings.rule == "qwen":
+        from merge_cli.media.processor import qwen_frame_ceiling
+
+        assert settings.min_pixels is not None
+        ceiling = qwen_frame_ceiling(
+            settings.min_pixels, settings.max_pixels, settings.total_pixels, num_frames, settings.frame_multiple
+        )
+        return policy.with_pixels(settings.min_pixels, max(policy.factor**2, ceiling))
     ceiling = min(settings.max_pixels, settings.total_pixels // max(1, num_frames))
-    return policy.with_max_pixels(max(policy.factor**2, ceiling))
+    return policy.with_pixels(settings.min_pixels, max(policy.factor**2, ceiling))
+
+
+def frame_resample(options: MediaOptions) -> str:
+    """The filter video frames are resized with: the video processor's, else the image policy's."""
+    return options.video.resample or options.policy.resample
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -152,8 +169,8 @@ def _decode_image(sample: Sample, options: MediaOptions) -> Item:
         with image:
             _check_pixel_limit(image.size, options.max_image_pixels)
             header_hw = _displayed_hw(image)
-            target = _target_size(*header_hw, options.policy)
-            drafted = options.fast_decode and _draft(image, target, transposes(image_orientation(image)))
+            plan = _plan(*header_hw, options.policy)
+            drafted = options.fast_decode and _draft(image, plan.resize_hw, transposes(image_orientation(image)))
             with _stage("decode"):
                 image.load()
                 oriented = image
@@ -162,9 +179,11 @@ def _decode_image(sample: Sample, options: MediaOptions) -> Item:
                 rgb = to_rgb(oriented)
             orig_hw = header_hw if drafted else (rgb.height, rgb.width)
             if orig_hw != header_hw:
-                target = _target_size(*orig_hw, options.policy)
-            pixels = _resize(rgb, target)[None]  # (1, H, W, 3), resized before the file is closed
-    return Item(sample.key, "image", _to_tensor(pixels), orig_hw, target, "pillow")
+                plan = _plan(*orig_hw, options.policy)
+            pixels = _resize(rgb, plan, options.policy.resample)[None]  # (1, H, W, 3), before the file closes
+    return Item(
+        sample.key, "image", _to_tensor(pixels), orig_hw, plan.final_hw, "pillow", processor_grid=plan.processor_grid
+    )
 
 
 def _displayed_hw(image) -> tuple[int, int]:
@@ -210,20 +229,22 @@ def _decode_animation(sample: Sample, options: MediaOptions) -> Item:
             indices = _animation_indices(durations, options)
             height, width = image.height, image.width
             policy = video_frame_policy(options, len(indices))
-            target = _target_size(height, width, policy, "video frame")
+            plan = _plan(height, width, policy, "video frame")
+            resample = frame_resample(options)
             frames = []
             with _stage("decode"):
                 for index in indices:
                     image.seek(index)
-                    frames.append(_resize(to_rgb(image), target))
+                    frames.append(_resize(to_rgb(image), plan, resample))
     starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) / 1000.0
     return Item(
         sample.key,
         "video",
         _to_tensor(np.stack(frames)),
         (height, width),
-        target,
+        plan.final_hw,
         "pillow",
+        processor_grid=plan.processor_grid,
         frame_indices=indices,
         frame_times=[float(starts[index]) for index in indices],
     )
@@ -285,21 +306,23 @@ def _read_clip(sample: Sample, source: video.VideoSource, promised: int | None, 
     if not indices:
         raise _empty_range(options, source.num_frames, source.fps)
     policy = video_frame_policy(options, len(indices))
+    resample = frame_resample(options)
     frames: list[np.ndarray] = []
-    orig_hw = target = None
+    orig_hw = plan = None
     for chunk in source.chunks(indices):  # (k, H, W, 3) uint8
-        if target is None:
+        if plan is None:
             orig_hw = (int(chunk.shape[1]), int(chunk.shape[2]))
-            target = _target_size(*orig_hw, policy, "video frame")
-        frames.extend(_resize_array(frame, target) for frame in chunk)
-    assert orig_hw is not None and target is not None  # chunks() yields every index or raises
+            plan = _plan(*orig_hw, policy, "video frame")
+        frames.extend(_resize_array(frame, plan, resample) for frame in chunk)
+    assert orig_hw is not None and plan is not None  # chunks() yields every index or raises
     return Item(
         sample.key,
         "video",
         _to_tensor(np.stack(frames)),
         orig_hw,
-        target,
+        plan.final_hw,
         source.name,
+        processor_grid=plan.processor_grid,
         frame_indices=indices,
         frame_times=video.frame_times(indices, source.fps),
     )
@@ -350,40 +373,35 @@ def _check_pixel_limit(size: tuple[int, int], limit: int | None) -> None:
         )
 
 
-def _target_size(height: int, width: int, policy: ResizePolicy, what: str = "image") -> tuple[int, int]:
-    """The policy's size for `height x width`; refuses sides below one merge window.
-
-    Smart resize would blow a 5x5 image up to 56x56: every token would be made of interpolated
-    pixels. A side shorter than the merge factor (28 px for patch 14) is refused instead, as
-    transformers' Qwen2-VL processor did ("height or width must be larger than factor").
-    """
-    factor = policy.factor
-    if min(height, width) < factor:
-        raise MediaError(
-            "resize",
-            f"{what} {height}x{width} is smaller than one {factor}x{factor} merge window; not upscaling it",
-            "TooSmall",
-        )
+def _plan(height: int, width: int, policy: ResizePolicy, what: str = "image") -> ResizePlan:
+    """The policy's plan for `height x width` (grid.ResizePolicy.plan, the rule check-grid shows);
+    a refusal becomes a MediaError of stage `resize`."""
     try:
-        return policy.target_size(height, width)
+        return policy.plan(height, width)
+    except TooSmallError as error:
+        raise MediaError("resize", f"{what} {error}", "TooSmall") from error
     except GridError as error:
         raise MediaError("resize", str(error), "GridError") from error
 
 
-def _resize(image, target: tuple[int, int]) -> np.ndarray:
-    """Pillow bicubic (antialiased when shrinking) to (H, W) -> uint8 (H, W, 3)."""
+def _resize(image, plan: ResizePlan, resample: str) -> np.ndarray:
+    """Pillow resize (antialiased when shrinking) to the plan's size, then its crop -> uint8 (H, W, 3)."""
     from PIL import Image
 
-    height, width = target
+    height, width = plan.resize_hw
     if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(image)
+        image = image.resize((width, height), Image.Resampling[resample.upper()])
+    pixels = np.asarray(image)
+    top, left, crop_h, crop_w = plan.crop
+    if (crop_h, crop_w) != (height, width):
+        pixels = pixels[top : top + crop_h, left : left + crop_w]
+    return pixels
 
 
-def _resize_array(frame: np.ndarray, target: tuple[int, int]) -> np.ndarray:
+def _resize_array(frame: np.ndarray, plan: ResizePlan, resample: str) -> np.ndarray:
     from PIL import Image
 
-    return _resize(Image.fromarray(frame, "RGB"), target)
+    return _resize(Image.fromarray(frame, "RGB"), plan, resample)
 
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:

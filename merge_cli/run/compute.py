@@ -63,7 +63,9 @@ class FeatureExtractor:
         device: torch.device,
         compute_dtype: str,
         store_dtype: str,
+        rescale_factor: float = 1 / 255,
     ) -> None:
+        self.rescale_factor = float(rescale_factor)
         self.tower = tower.to(device).eval()
         self.projector = projector.to(device).eval() if projector is not None else None
         self.merge_size = merge_size
@@ -112,7 +114,7 @@ class FeatureExtractor:
             pieces = on_device.split([p.numel() for p in pixels])
             pixels = [piece.view(p.shape) for piece, p in zip(pieces, pixels)]
         dtype = self.compute_dtype
-        return [normalize(p, self._mean, self._std, dtype=torch.float32).to(dtype) for p in pixels]
+        return [normalize(p, self._mean, self._std, torch.float32, self.rescale_factor).to(dtype) for p in pixels]
 
     def _merge(self, item: Item, features: torch.Tensor) -> torch.Tensor:
         """(t*h*w, C) raster tokens -> (t, h/m * w/m, D), merged per frame (temporal patch)."""
@@ -148,6 +150,7 @@ class FeatureExtractor:
                 decoder=item.decoder,
                 frame_indices=item.frame_indices,
                 frame_times=item.frame_times,
+                processor_grid=item.processor_grid,
             )
             for item, tokens in zip(items, stored)
         ]

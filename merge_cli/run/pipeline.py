@@ -82,6 +82,10 @@ class RunSummary:
     torchrun: bool = False
     """The ranks were connected (torchrun): partial failure then exits 0 unless `strict`."""
     strict: bool = False
+    preprocess: str = "native"
+    """Who decided the sizes: `checkpoint` (its own processor) or `native` (merge-cli's policy)."""
+    made_even: int = 0
+    """Samples whose processor grid could not merge and was made even (both grids are stored)."""
     timings: Timings = field(default_factory=Timings)
     failures: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -170,7 +174,7 @@ def _run_claimed(
 
     models = build_models(config)  # first: a bad checkpoint fails before any input is listed
     tower = models.tower
-    media = config.media_options(tower.patch_size)
+    media = config.media_options(_checkpoint_vision(config, tower))
     attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
     if tower.is_demo:
         from merge_cli.models.towers.demo import DEMO_WARNING
@@ -203,6 +207,7 @@ def _run_claimed(
         world_size=dist.world_size,
         torchrun=dist.connected,
         strict=config.strict,
+        preprocess=media.mode,
     )
     extractor = FeatureExtractor(
         tower,
@@ -211,6 +216,7 @@ def _run_claimed(
         device=device,
         compute_dtype=compute_dtype,
         store_dtype=store_dtype,
+        rescale_factor=media.rescale_factor,
     )
     writer = store.ShardWriter(
         out,
@@ -240,11 +246,30 @@ def _run_claimed(
     return summary
 
 
+def _checkpoint_vision(config: ExtractConfig, tower):
+    """What the tower's own processor decides (from its folder), with the loaded tower's patch
+    size and temporal patch (the authority over a config.json guess)."""
+    from dataclasses import replace
+
+    from merge_cli.media.processor import read_checkpoint_vision
+
+    vision = read_checkpoint_vision(config.tower)
+    return replace(
+        vision, patch_size=tower.patch_size, temporal_patch_size=getattr(tower, "temporal_patch_size", 1)
+    )
+
+
 def build_models(config: ExtractConfig) -> Models:
     """Load the tower (and projector) once per process, on the CPU; the extractor moves them."""
     from merge_cli.models.towers import load_tower
 
     tower = load_tower(config.tower, layer=config.layer, trust_remote_code=config.trust_remote_code)
+    if hasattr(tower, "set_temporal_positions"):
+        tower.set_temporal_positions(config.temporal_positions)
+    elif config.temporal_positions != "index":
+        from merge_cli.errors import UsageError
+
+        raise UsageError(f"--temporal-positions applies to OneVision towers only; {tower.name} is {tower.kind}")
     if config.output_kind == "merged":
         return Models(tower, None, "none", "none")
     if config.random_projector:
@@ -299,6 +324,7 @@ def output_attrs(
         "compute_dtype": compute_dtype,
         "store_dtype": store_dtype,
         "media": media_settings,
+        "temporal_positions": config.temporal_positions if tower.kind in ("onevision", "demo") else None,
     }
     return {
         "merge_cli_version": __version__,
@@ -315,6 +341,8 @@ def output_attrs(
         "temporal_patch_size": getattr(tower, "temporal_patch_size", 1),
         "compute_dtype": compute_dtype,
         "store_dtype": store_dtype,
+        "preprocess": media.mode,
+        "temporal_positions": settings["temporal_positions"] or "none",
         "resize_policy": media.policy.to_json(),
         "video_options": json_text(media_settings["video"]),
         "media_options": json_text(media_settings),
@@ -529,6 +557,8 @@ class _BackgroundWriter:
             else:
                 self.writer.add(result)
                 self.summary.written += 1
+                if result.processor_grid is not None and tuple(result.processor_grid) != tuple(result.grid_thw[1:]):
+                    self.summary.made_even += 1
                 self.summary.tokens += int(result.tokens.shape[0] * result.tokens.shape[1])
                 patch_tokens = result.grid_thw[0] * result.grid_thw[1] * result.grid_thw[2]
                 self.summary.patch_tokens += patch_tokens
@@ -628,7 +658,7 @@ def merge_summaries(parts: Sequence[RunSummary]) -> RunSummary:
     """One summary for the whole job: counts summed, time the slowest rank's."""
     merged = copy.deepcopy(parts[0])
     for part in parts[1:]:
-        for name in ("written", "failed", "tokens", "patch_tokens", "bytes", "batches"):
+        for name in ("written", "failed", "tokens", "patch_tokens", "bytes", "batches", "made_even"):
             setattr(merged, name, getattr(merged, name) + getattr(part, name))
         for name in ("decode_wait", "decode_cpu", "compute", "write"):
             setattr(merged.timings, name, getattr(merged.timings, name) + getattr(part.timings, name))

@@ -141,17 +141,35 @@ def axis_inv_freq(size: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(size, dtype=torch.float32) / size))
 
 
-def rotary_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device=None) -> torch.Tensor:
+def spread_positions(frames: int, table_size: int) -> torch.Tensor:
+    """The model card's temporal positions of `frames` frames: linspace(0, table_size - 1, T)
+    truncated to integers (`.long()`), as it builds `visible_indices`."""
+    return torch.linspace(0, table_size - 1, frames).long()
+
+
+def rotary_angles(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    theta: float,
+    device=None,
+    temporal: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Angles (t*h*w, head_dim/2) of every token of a (t, h, w) grid, tokens in raster order.
 
-    Token (t, h, w) gets [f_t[t], f_h[h], f_w[w]], with f_axis = outer(positions, inv_freq_axis).
+    Token (t, h, w) gets [f_t[pos_t], f_h[h], f_w[w]], with f_axis = outer(positions,
+    inv_freq_axis); the temporal positions are 0..t-1 unless `temporal` gives them.
     """
     t, h, w = grid
     unit = head_dim // 2 // 16
     sizes = [part * unit for part in ROPE_SPLIT]
+    positions = [
+        torch.arange(t) if temporal is None else temporal,
+        torch.arange(h),
+        torch.arange(w),
+    ]
     per_axis = [
-        torch.outer(torch.arange(n, device=device, dtype=torch.float32), axis_inv_freq(size, theta).to(device))
-        for n, size in zip(grid, sizes)
+        torch.outer(pos.to(device=device, dtype=torch.float32), axis_inv_freq(size, theta).to(device))
+        for pos, size in zip(positions, sizes)
     ]  # (t, 4u), (h, 6u), (w, 6u)
     angles_t = per_axis[0][:, None, None, :].expand(t, h, w, sizes[0])
     angles_h = per_axis[1][None, :, None, :].expand(t, h, w, sizes[1])
@@ -177,9 +195,11 @@ class RotaryTables:
     fp32 tables to the query dtype, as upstream does.
     """
 
-    def __init__(self, head_dim: int, theta: float, capacity: int = 64):
+    def __init__(self, head_dim: int, theta: float, capacity: int = 64, spread_over: int | None = None):
         self.head_dim = head_dim
         self.theta = float(theta)
+        self.spread_over = spread_over
+        """None: temporal positions 0..T-1; else the rotary table length they are spread over."""
         self.capacity = capacity
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
@@ -191,7 +211,8 @@ class RotaryTables:
             return cached
         # Plain tensors even when first asked under inference_mode, so a later autograd call can use them.
         with torch.inference_mode(False), torch.no_grad():
-            angles = rotary_angles(grid, self.head_dim, self.theta, device=device)  # (L, D/2)
+            temporal = spread_positions(grid[0], self.spread_over) if self.spread_over else None
+            angles = rotary_angles(grid, self.head_dim, self.theta, device=device, temporal=temporal)  # (L, D/2)
             angles = torch.cat([angles, angles], dim=-1)  # (L, D): duplicated by concatenation
             tables = angles.cos(), angles.sin()
         self._tables[key] = tables
@@ -337,6 +358,22 @@ class OneVisionTower(Tower):
         self.layernorm_pre = make_norm(config)
         self.encoder = OneVisionEncoder(config)
         self.rotary = RotaryTables(config.head_dim, config.rope_theta)
+
+    def set_temporal_positions(self, mode: str) -> None:
+        """`index` (0..T-1, the LLaVA training path) or `spread` (the model card's
+        linspace(0, rope_temporal_size - 1, T)); the cached rotary tables are rebuilt."""
+        from merge_cli.errors import UsageError
+
+        if mode == "index":
+            spread = None
+        elif mode == "spread":
+            if not self.config.rope_temporal_size:
+                raise UsageError("--temporal-positions spread needs the config's rope_temporal_size")
+            spread = int(self.config.rope_temporal_size)
+        else:
+            raise UsageError(f"--temporal-positions must be index or spread; got {mode!r}")
+        self.temporal_positions = mode
+        self.rotary = RotaryTables(self.config.head_dim, self.config.rope_theta, spread_over=spread)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor the full checkpoint must provide (all layers)."""
