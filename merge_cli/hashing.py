@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -25,3 +25,19 @@ def hash_state_dict(state: Mapping[str, Any], length: int = 16) -> str:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:length]
 
+
+
+def key_hash(key: str) -> int:
+    """Stable 64-bit hash of a sample key (blake2b, not Python's salted hash): the same on every
+    rank, run and machine. The listing's duplicate check and the index's key table use it."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def key_hashes(keys: Iterable[str]) -> Any:
+    """key_hash of every key, as a numpy uint64 array."""
+    import numpy as np  # lazy: the CLI's import must stay light
+
+    blake = hashlib.blake2b
+    joined = b"".join(blake(k.encode("utf-8", "surrogateescape"), digest_size=8).digest() for k in keys)
+    return np.frombuffer(joined, dtype="<u8").astype(np.uint64)

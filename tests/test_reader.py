@@ -62,7 +62,7 @@ def test_mapping_interface(output):
             feats[len(records)]
         assert feats.get("nope") is None
         assert feats.attrs["tower"] == "demo-vit" and feats.attrs["resize_policy"]["kind"] == "smart"
-        assert feats.attrs["format_version"] == 1 and feats.attrs["role"] == "index"
+        assert feats.attrs["format_version"] == 2 and feats.attrs["role"] == "index"
         assert [(f.key, f.stage) for f in feats.failures()] == [("media/broken.jpg", "decode")]
         assert "samples=24" in repr(feats)
 

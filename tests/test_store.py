@@ -227,11 +227,11 @@ def test_scan_deletes_stale_temporaries_and_ignores_them(tmp_path):
     out = tmp_path / "feats.h5"
     writer = ShardWriter(out, attrs(), shard_bytes=20_000)
     done = {}
-    while len(writer.shard_paths) < 1 or writer._shard is None:
+    while len(writer.shard_paths) < 1 or writer._shards.get(-1) is None:
         record = features(f"k{len(done)}")
         writer.add(record)
         done[record.key] = record
-    open_tmp = writer._shard.tmp
+    open_tmp = writer._shards[-1].tmp
     assert open_tmp.exists()  # the open shard: what a kill -9 now would leave
     garbage = shard_dir(out) / "r003-00007.h5.tmp"
     garbage.write_bytes(os.urandom(5000))
@@ -258,7 +258,7 @@ def test_scan_with_a_rank_leaves_other_ranks_temporaries_alone(tmp_path):
     building = tmp_path / "feats.h5.host-42.tmp"  # an index another job is building right now
     building.write_bytes(b"partial")
     assert scan_existing(out, rank=1).done_keys == {"a.jpg"}
-    assert not stale.exists() and live._shard.tmp.exists() and building.exists()
+    assert not stale.exists() and live._shards[-1].tmp.exists() and building.exists()
     live.close()
     assert scan_existing(out, rank=1).done_keys == {"a.jpg", "b.jpg"}
 
@@ -354,7 +354,7 @@ def test_attrs_are_written_everywhere_and_decoded(tmp_path):
         with h5py.File(path) as handle:
             raw = dict(handle.attrs)
             decoded = decode_attrs(handle.attrs)
-        assert raw["format"] == "merge-cli-features" and raw["format_version"] == 1
+        assert raw["format"] == "merge-cli-features" and raw["format_version"] == 2
         assert isinstance(raw["resize_policy"], str)  # JSON text on disk
         assert decoded["resize_policy"] == json.loads(attrs()["resize_policy"])
         assert decoded["settings"]["layer"] == -1

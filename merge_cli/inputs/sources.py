@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from merge_cli.errors import UsageError
+from merge_cli.inputs.units import Listed, Unit
 from merge_cli.records import Failure, MediaKind, Sample, escape_text, media_kind
 
 MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".json"})
@@ -43,40 +44,100 @@ class SampleSet:
     """Files in scanned folders with extensions merge-cli does not read."""
 
 
+@dataclass
+class ListingStats:
+    """Counted while the listing streams by (complete once it is exhausted)."""
+
+    ignored: int = 0
+    """Files in scanned folders with extensions merge-cli does not read."""
+
+
 def collect_samples(
     inputs: Sequence[Path | str],
     media_root: Path | None = None,
     *,
     gif_as_video: bool = False,
 ) -> SampleSet:
-    """Every sample the inputs name, keyed and deduplicated, before any decoding.
+    """Every sample the inputs name, keyed and deduplicated, held in memory: for small input sets
+    and tests. `merge-cli extract` streams the same listing as units (`stream_units`).
 
     Raises UsageError for a missing input, an unreadable or malformed manifest, and for two
     different files that would get the same key (naming both and where they came from).
     """
+    from merge_cli.inputs.units import iter_units
+
+    stats = ListingStats()
+    samples: list[Sample] = []
+    failures: list[Failure] = []
+    listing = make_listing(inputs, media_root, gif_as_video=gif_as_video, stats=stats)
+    for unit in iter_units(listing, unit_size=1 << 62):
+        for entry in unit.entries:
+            (samples if isinstance(entry, Sample) else failures).append(entry)  # type: ignore[arg-type]
+    return SampleSet(samples, failures, stats.ignored)
+
+
+def stream_units(
+    inputs: Sequence[Path | str],
+    media_root: Path | None = None,
+    *,
+    unit_size: int,
+    gif_as_video: bool = False,
+    stats: ListingStats | None = None,
+) -> Iterator[Unit]:
+    """The inputs as a stream of work units (see merge_cli/inputs/units.py), never held whole.
+    Input paths are checked before the first unit; a manifest is read as the stream reaches it."""
+    from merge_cli.inputs.units import iter_units
+
+    listing = make_listing(inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats())
+    return iter_units(listing, unit_size)
+
+
+def make_listing(
+    inputs: Sequence[Path | str],
+    media_root: Path | None,
+    *,
+    gif_as_video: bool,
+    stats: ListingStats,
+) -> Callable[[], Iterator[Listed]]:
+    """Check the inputs now; return a function that starts the listing (again) from the top."""
     root = None
     if media_root is not None:
         root = _absolute(media_root)
         if not root.is_dir():
             raise UsageError(f"--media-root {media_root}: not a directory")
-    collector = _Collector(gif_as_video)
+    plan: list[tuple[str, Path, Path, str]] = []  # (how, path, root, origin)
     for raw in inputs:
         path = _absolute(raw)
         if path.is_dir():
             base = root if root is not None and _is_inside(path, root) else path
-            collector.add_folder(path, base, origin=f"--input {raw}")
+            plan.append(("folder", path, base, f"--input {raw}"))
         elif not path.exists():
             raise UsageError(f"--input {raw}: no such file or directory")
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            collector.add_manifest(path, root if root is not None else path.parent)
+            if not os.access(path, os.R_OK):
+                raise UsageError(f"cannot read manifest {path}: Permission denied")
+            plan.append(("manifest", path, root if root is not None else path.parent, ""))
         elif media_kind(path) is not None:
             base = root if root is not None and _is_inside(path, root) else path.parent
-            collector.add(path, base, origin=f"--input {raw}")
+            plan.append(("file", path, base, f"--input {raw}"))
         else:
             raise UsageError(
                 f"--input {raw}: not a folder, an image or video file, or a manifest (.txt, .jsonl, .json)"
             )
-    return SampleSet(collector.samples, collector.failures, collector.ignored)
+    counted = [False]
+
+    def listing() -> Iterator[Listed]:
+        lister = _Lister(gif_as_video, stats if not counted[0] else ListingStats())
+        for how, path, base, origin in plan:
+            if how == "folder":
+                yield from lister.folder(path, base, origin)
+            elif how == "manifest":
+                yield from lister.manifest(path, base)
+            else:
+                yield lister.entry(path, base, origin)
+        counted[0] = True  # a second walk (to explain a duplicate key) must not count again
+
+    return listing
 
 
 def key_for(path: Path, root: Path) -> str:
@@ -98,13 +159,9 @@ def _is_inside(path: Path, root: Path) -> bool:
 
 
 @dataclass
-class _Collector:
+class _Lister:
     gif_as_video: bool
-    samples: list[Sample] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    ignored: int = 0
-    _seen: dict[str, tuple[Path, str]] = field(default_factory=dict)
-    """key -> (path, where it came from), for deduplication and the duplicate-key error."""
+    stats: ListingStats
 
     def kind_of(self, path: Path) -> MediaKind | None:
         kind = media_kind(path)
@@ -112,114 +169,103 @@ class _Collector:
             return "video"
         return kind  # type: ignore[return-value]
 
-    def claim(self, key: str, path: Path, origin: str) -> bool:
-        """Register `key` for `path`; False when this very file already has it (named twice)."""
-        seen = self._seen.get(key)
-        if seen is None:
-            self._seen[key] = (path, origin)
-            return True
-        if seen[0] == path:
-            return False
-        raise UsageError(
-            f"two inputs map to the same key {key!r}: {escape_text(str(seen[0]))} (from {seen[1]}) "
-            f"and {escape_text(str(path))} (from {origin}); give them different --input folders "
-            "or a --media-root that tells them apart"
-        )
-
-    def add(self, path: Path, root: Path, origin: str) -> None:
+    def entry(self, path: Path, root: Path, origin: str) -> Listed:
         key = key_for(path, root)
         kind = self.kind_of(path)
-        if not self.claim(key, path, origin):
-            return
         if kind is None:
-            self.failures.append(
-                Failure(
-                    key,
-                    "source",
-                    "UnsupportedMedia",
-                    f"{path.suffix or 'no extension'}: not a recognized image or video extension ({origin})",
-                )
-            )
-        else:
-            self.samples.append(Sample(key, path, kind))
+            reason = f"{path.suffix or 'no extension'}: not a recognized image or video extension ({origin})"
+            return Listed(Failure(key, "source", "UnsupportedMedia", reason), path, origin)
+        return Listed(Sample(key, path, kind), path, origin)
 
-    def add_folder(self, folder: Path, root: Path, origin: str) -> None:
-        found = []
-        for path in _walk(folder, self.failures, root):
-            if media_kind(path) is None:
-                self.ignored += 1
+    def folder(self, folder: Path, root: Path, origin: str) -> Iterator[Listed]:
+        for path, failure in _walk(folder, root):
+            if failure is not None:
+                yield Listed(failure, path, origin)
+            elif media_kind(path) is None:
+                self.stats.ignored += 1
             else:
-                found.append((key_for(path, root), path))
-        for _, path in sorted(found, key=lambda pair: pair[0]):
-            self.add(path, root, origin)
+                yield self.entry(path, root, origin)
 
-    def add_manifest(self, manifest: Path, root: Path) -> None:
+    def manifest(self, manifest: Path, root: Path) -> Iterator[Listed]:
         for location, text in _manifest_entries(manifest):
             if not text:
                 raise UsageError(f"{location}: empty path")
-            self.add(_absolute(root / text), root, location)
+            yield self.entry(_absolute(root / text), root, location)
 
 
-def _walk(folder: Path, failures: list[Failure], root: Path) -> Iterator[Path]:
-    """Every non-directory entry under `folder` (symlinks followed, loops skipped), depth first."""
+def _walk(folder: Path, root: Path) -> Iterator[tuple[Path, Failure | None]]:
+    """Every non-directory entry under `folder` (symlinks followed, loops skipped), depth first, in
+    the order of their keys (a folder sorts as its name plus '/'), with a Failure for a subfolder
+    that cannot be listed. Only one folder's names are held at a time, per level of depth."""
 
-    def visit(directory: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[Path]:
+    def visit(directory: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[tuple[Path, Failure | None]]:
         try:
             info = directory.stat()
             identity = (info.st_dev, info.st_ino)
             if identity in ancestors:
                 return  # a symlink back to a folder we are inside: a loop
+            names = []
             with os.scandir(directory) as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
+                for entry in scan:
+                    try:
+                        is_dir = entry.is_dir()  # follows symlinks; a broken link is not a folder
+                    except OSError:
+                        is_dir = False
+                    names.append(entry.name + "/" if is_dir else entry.name)
         except OSError as error:
             message = f"cannot list folder {escape_text(str(directory))}: {error.strerror}"
             if directory == folder:
                 raise UsageError(message) from error
-            failures.append(Failure(key_for(directory, root), "source", type(error).__name__, message))
+            yield directory, Failure(key_for(directory, root), "source", type(error).__name__, message)
             return
+        names.sort()
         inner = ancestors | {identity}
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()  # follows symlinks; a broken link is not a folder
-            except OSError:
-                is_dir = False
-            if is_dir:
-                yield from visit(Path(entry.path), inner)
+        for name in names:
+            if name.endswith("/"):
+                yield from visit(directory / name[:-1], inner)
             else:
-                yield Path(entry.path)
+                yield directory / name, None
 
     yield from visit(folder, frozenset())
 
 
 def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
-    """(location, path text) for every media path a manifest names, in manifest order."""
+    """(location, path text) for every media path a manifest names, in manifest order. Text and
+    JSON Lines manifests stream line by line; a LLaVA .json list is parsed whole."""
     suffix = manifest.suffix.lower()
     try:
-        raw = manifest.read_bytes()
+        handle = open(manifest, "rb")
     except OSError as error:
         raise UsageError(f"cannot read manifest {manifest}: {error.strerror}") from error
-    if suffix == ".txt":
-        text = raw.removeprefix(b"\xef\xbb\xbf")
-        for number, line in enumerate(text.splitlines(), start=1):
-            entry = os.fsdecode(line).strip()  # non-UTF-8 bytes survive as in a file name
-            if entry and not entry.startswith("#"):
-                yield f"{manifest.name} line {number}", entry
-        return
+    with handle:
+        if suffix == ".txt":
+            for number, line in enumerate(handle, start=1):
+                if number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")
+                entry = os.fsdecode(line.rstrip(b"\r\n")).strip()  # non-UTF-8 bytes survive as in a file name
+                if entry and not entry.startswith("#"):
+                    yield f"{manifest.name} line {number}", entry
+            return
+        if suffix == ".jsonl":
+            for number, raw_line in enumerate(handle, start=1):
+                try:
+                    line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise UsageError(f"manifest {manifest} is not UTF-8 text: {error}") from error
+                if not line.strip():
+                    continue
+                location = f"{manifest.name} line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"{location}: not valid JSON ({error.msg})") from error
+                yield from _record_paths(record, location)
+            return
+        raw = handle.read()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UsageError(f"manifest {manifest} is not UTF-8 text: {error}") from error
-    if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            location = f"{manifest.name} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{location}: not valid JSON ({error.msg})") from error
-            yield from _record_paths(record, location)
-        return
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:

@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 FORMAT_NAME = "merge-cli-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: shards record their work unit, units have completion markers, the index has a sorted key-hash
+table and a one-read-per-sample table (version-1 indexes are rebuilt with `merge-cli index`)."""
 
 STORE_DTYPES = ("bf16", "fp16", "fp32")
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd")
@@ -37,6 +39,10 @@ NUMPY_DTYPES = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)
 SHARD_SUFFIX = ".h5"
 TMP_SUFFIX = ".tmp"
 SHARD_NAME = re.compile(r"^r(\d{3,})-(\d{5,})\.h5$")
+UNIT_MARKER = re.compile(r"^unit-(\d{8,})\.json$")
+"""`feats.h5.d/unit-00000042.json`: unit 42 is complete (written last, after its shards)."""
+NO_UNIT = -1
+"""The `unit` attribute of a shard written outside the unit loop (ShardWriter used directly)."""
 
 LIBVER = ("v110", "v110")
 """HDF5 >= 1.10 object formats (needed for virtual datasets anyway); readable by any h5py >= 2.9."""
@@ -60,9 +66,19 @@ STRING = h5py.string_dtype("utf-8")
 
 JSON_ATTRS = ("resize_policy", "video_options", "media_options", "settings")
 """Attributes that hold JSON text by contract (given as text or as dicts); readers decode them."""
-SHARD_ATTRS = ("role", "shard_rank", "shard_sequence")
+SHARD_ATTRS = ("role", "shard_rank", "shard_sequence", "unit")
 """Root attributes that describe one shard file and are not copied into the index."""
 ERROR_FIELDS = ("key", "stage", "type", "message")
+
+TABLE_COLUMNS = (
+    "offsets", "lengths", "grid_t", "grid_h", "grid_w", "merged_h", "merged_w", "orig_h", "orig_w",
+    "resized_h", "resized_w", "frame_offsets", "frame_lengths", "shard", "shard_offsets", "kind", "decoder",
+)
+"""Columns of the index's `sample_table` (int64, one row per sample: what a reader needs about a
+sample in one read). `kind` and `decoder` are codes into the `kinds` / `decoders` attributes."""
+KEY_BLOCK = 4096
+"""Rows per block of the index's `key_table`: `key_table/fence` holds every block's first hash, so
+a lookup reads the fence once and then one block (its chunk) per key."""
 """Datasets of the `errors` group, one string per error record."""
 
 
@@ -106,6 +122,8 @@ def list_temporaries(out: Path, rank: int | None = None) -> list[Path]:
             parsed = parse_shard_name(path.name[: -len(TMP_SUFFIX)]) if path.name.endswith(TMP_SUFFIX) else None
             if parsed and (rank is None or parsed[0] == rank):
                 found.append(path)
+            elif rank is None and path.name.endswith(TMP_SUFFIX) and UNIT_MARKER.match(path.name[: -len(TMP_SUFFIX)]):
+                found.append(path)  # a unit marker being written (guarded by the output lock)
     if rank is None:
         found += list_index_temporaries(out)
     return sorted(found)
@@ -117,6 +135,19 @@ def list_index_temporaries(out: Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     return sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.*{TMP_SUFFIX}") if p.is_file())
+
+
+def unit_marker_name(unit: int) -> str:
+    return f"unit-{unit:08d}.json"
+
+
+def list_unit_markers(out: Path) -> list[tuple[int, Path]]:
+    """(unit, path) of every completion marker of `out`, by unit."""
+    folder = shard_dir(out)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / entry.name) for entry in os.scandir(folder) if (m := UNIT_MARKER.match(entry.name))]
+    return sorted(found)
 
 
 def index_temporary(out: Path) -> Path:

@@ -7,6 +7,7 @@ offsets, plus which shard and local offset each sample lives at (the reader read
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 
 from merge_cli.errors import FormatError
+from merge_cli.hashing import key_hashes
 from merge_cli.output import locks
 from merge_cli.output.format import (
     DTYPE_NAMES,
@@ -23,11 +25,14 @@ from merge_cli.output.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     FRAME_COLUMNS,
+    KEY_BLOCK,
     LIBVER,
+    NO_UNIT,
     NUMPY_DTYPES,
     SAMPLE_COLUMNS,
     SHARD_ATTRS,
     STRING,
+    TABLE_COLUMNS,
     decode_attrs,
     encode_attrs,
     failures_columns,
@@ -152,6 +157,8 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     try:
         with h5py.File(tmp, "x", libver=LIBVER) as handle:
             root.update(
+                format=FORMAT_NAME,
+                format_version=FORMAT_VERSION,  # whatever version the shards were written in
                 role="index",
                 dtype=dtype,
                 token_dim=dim,
@@ -165,12 +172,14 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
             write_columns(handle, {name: columns[name] for name in (*SAMPLE_COLUMNS, *FRAME_COLUMNS)}, failures_columns(failures))
             handle.create_dataset("shard", data=columns["shard"])
             handle.create_dataset("shard_offsets", data=columns["shard_offsets"])
+            _write_lookup_tables(handle, columns)
             group = handle.create_group("shards")
             group.create_dataset("path", data=object_array([_relative(s.path, out) for s in shards]), dtype=STRING)
             group.create_dataset("rows", data=np.array([s.rows for s in shards], dtype=np.int64))
             group.create_dataset("samples", data=np.array(kept_per_shard, dtype=np.int64))
             group.create_dataset("errors", data=np.array([len(s.failures) for s in shards], dtype=np.int64))
             group.create_dataset("bytes", data=np.array([s.size for s in shards], dtype=np.int64))
+            group.create_dataset("unit", data=np.array([int(s.attrs.get("unit", NO_UNIT)) for s in shards], dtype=np.int64))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -188,6 +197,47 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
         "shard_bytes": sum(s.size for s in shards),
         "index_bytes": out.stat().st_size,
     }
+
+
+def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> None:
+    """What lets a reader open in constant time: the sorted key-hash table and the sample table."""
+    n = len(columns["keys"])
+    hashes = key_hashes(columns["keys"])
+    order = np.argsort(hashes, kind="stable")
+    block = (min(n, KEY_BLOCK),) if n else None
+    group = handle.create_group("key_table")
+    sorted_hashes = hashes[order]
+    group.create_dataset("hash", data=sorted_hashes, chunks=block)
+    group.create_dataset("row", data=order.astype(np.int64), chunks=block)
+    group.create_dataset("fence", data=sorted_hashes[::KEY_BLOCK])
+    group.attrs["block"] = KEY_BLOCK
+
+    kinds = sorted({k.decode() for k in np.unique(columns["kind"])}) if n else []
+    decoders = sorted({d.decode() for d in np.unique(columns["decoder"])}) if n else []
+    parts = {
+        "offsets": columns["offsets"],
+        "lengths": columns["lengths"],
+        "grid_t": columns["grid_thw"][:, 0],
+        "grid_h": columns["grid_thw"][:, 1],
+        "grid_w": columns["grid_thw"][:, 2],
+        "merged_h": columns["merged_hw"][:, 0],
+        "merged_w": columns["merged_hw"][:, 1],
+        "orig_h": columns["orig_hw"][:, 0],
+        "orig_w": columns["orig_hw"][:, 1],
+        "resized_h": columns["resized_hw"][:, 0],
+        "resized_w": columns["resized_hw"][:, 1],
+        "frame_offsets": columns["frame_offsets"],
+        "frame_lengths": columns["frame_lengths"],
+        "shard": columns["shard"],
+        "shard_offsets": columns["shard_offsets"],
+        "kind": np.searchsorted(np.array(kinds, dtype="S"), columns["kind"]) if n else np.empty(0),
+        "decoder": np.searchsorted(np.array(decoders, dtype="S"), columns["decoder"]) if n else np.empty(0),
+    }
+    table = np.stack([parts[name].astype(np.int64) for name in TABLE_COLUMNS], axis=1) if n else np.empty((0, len(TABLE_COLUMNS)), np.int64)
+    dataset = handle.create_dataset("sample_table", data=table, chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None)
+    dataset.attrs["columns"] = json.dumps(list(TABLE_COLUMNS))
+    dataset.attrs["kinds"] = json.dumps(kinds)
+    dataset.attrs["decoders"] = json.dumps(decoders)
 
 
 def _root_attrs(out: Path, shards: list[_Shard], attrs: Mapping[str, object] | None) -> dict:

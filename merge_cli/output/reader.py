@@ -7,28 +7,33 @@
         sample.tokens                          # (t, h/2 * w/2, D) torch tensor, bf16 bit-exact
 
 `open_features` takes the index (`feats.h5`) or any single shard (each shard is self-describing).
-The key -> row table is built once per handle; token rows are read straight from the shard files
-(measured faster than going through the index's virtual dataset), whose handles are kept open.
+Opening an index reads no per-sample data: a key is found through the index's sorted key-hash
+table, a sample's numbers come from one row of its sample table, and token rows are read straight
+from the shard files (measured faster than going through the index's virtual dataset), whose
+handles are kept open. A shard opened on its own is loaded whole (it is at most --shard-size).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 import torch
 
 from merge_cli.errors import FormatError
+from merge_cli.hashing import key_hash
 from merge_cli.output.format import (
     ERROR_FIELDS,
     NUMPY_DTYPES,
+    TABLE_COLUMNS,
     decode_attrs,
     first_line,
     numpy_to_tokens,
@@ -48,7 +53,7 @@ MAX_OPEN_SHARDS = 128
 
 COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "kind", "decoder",
            "frame_offsets", "frame_lengths")
-"""Per-sample tables the reader loads into memory when it opens a file."""
+"""Per-sample tables `column()` offers (read whole on first use)."""
 REQUIRED_DATASETS = ("tokens", "keys", *COLUMNS, "frame_indices", "frame_times", "errors")
 
 
@@ -76,8 +81,141 @@ class FeatureSample:
     """Position of the sample in the file."""
 
 
+class _Record(NamedTuple):
+    """What the reader needs about one sample, read in one go."""
+
+    offset: int
+    length: int
+    grid_thw: tuple[int, int, int]
+    merged_hw: tuple[int, int]
+    orig_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    frame_offset: int
+    frame_length: int
+    shard: int
+    shard_offset: int
+    kind: str
+    decoder: str
+
+
+class _ShardTable:
+    """One shard read on its own: its tables are loaded whole (a shard is at most --shard-size)."""
+
+    def __init__(self, handle: h5py.File, path: Path) -> None:
+        self._keys = read_strings(handle["keys"])
+        n = len(self._keys)
+        # The first occurrence wins if a key is stored twice (only a damaged shard can have that).
+        self._row = {key: i for i, key in zip(range(n - 1, -1, -1), reversed(self._keys))}
+        self.duplicate_keys = n - len(self._row)
+        self.columns = {name: handle[name][()] for name in COLUMNS}
+        self.columns["shard"] = np.zeros(n, dtype=np.int32)
+        self.columns["shard_offsets"] = self.columns["offsets"]
+        bad = [name for name, values in self.columns.items() if len(values) != n]
+        if bad:
+            raise FormatError(f"{path}: damaged merge-cli output ({', '.join(bad)} do not have {n} rows)")
+        self.n = n
+
+    def row_of(self, key: str) -> int | None:
+        return self._row.get(key)
+
+    def key(self, row: int) -> str:
+        return self._keys[row]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def record(self, row: int) -> _Record:
+        c = self.columns
+        return _Record(
+            int(c["offsets"][row]), int(c["lengths"][row]), tuple(int(v) for v in c["grid_thw"][row]),  # type: ignore[arg-type]
+            tuple(int(v) for v in c["merged_hw"][row]), tuple(int(v) for v in c["orig_hw"][row]),  # type: ignore[arg-type]
+            tuple(int(v) for v in c["resized_hw"][row]), int(c["frame_offsets"][row]),  # type: ignore[arg-type]
+            int(c["frame_lengths"][row]), 0, int(c["offsets"][row]), c["kind"][row].decode(), c["decoder"][row].decode(),
+        )
+
+
+class _IndexTable:
+    """An index read lazily: opening reads nothing per sample; a key is found by binary search in
+    the sorted key-hash table (the fence, read on first lookup, then one block) and checked against
+    the stored key; a sample's numbers come from one row of `sample_table`."""
+
+    def __init__(self, handle: h5py.File, path: Path, version: object) -> None:
+        if "key_table" not in handle or "sample_table" not in handle:
+            raise FormatError(
+                f"{path}: an index of format version {version} (no key table); rebuild it with `merge-cli index {path}`"
+            )
+        self._handle = handle
+        self._keys = handle["keys"].asstr()
+        self.n = int(handle["keys"].shape[0])
+        self._table = handle["sample_table"]
+        self._hash = handle["key_table/hash"]
+        self._rows = handle["key_table/row"]
+        self._block = int(handle["key_table"].attrs.get("block", 4096))
+        self._fence: np.ndarray | None = None
+        names = json.loads(plain_value(self._table.attrs["columns"]))
+        if list(names) != list(TABLE_COLUMNS) or self._table.shape != (self.n, len(TABLE_COLUMNS)):
+            raise FormatError(f"{path}: damaged merge-cli output (sample_table does not match {self.n} samples)")
+        self._kinds = json.loads(plain_value(self._table.attrs["kinds"]))
+        self._decoders = json.loads(plain_value(self._table.attrs["decoders"]))
+        self._columns: dict[str, np.ndarray] = {}
+        self._duplicates: int | None = None
+
+    def row_of(self, key: str) -> int | None:
+        if self._fence is None:
+            self._fence = self._handle["key_table/fence"][()]
+        wanted = np.uint64(key_hash(key))
+        block = max(int(np.searchsorted(self._fence, wanted, side="left")) - 1, 0)
+        while block * self._block < self.n:  # equal hashes may run on into the next block
+            start = block * self._block
+            hashes = self._hash[start : start + self._block]
+            first, last = np.searchsorted(hashes, wanted, "left"), np.searchsorted(hashes, wanted, "right")
+            if first < last:
+                rows = self._rows[start + first : start + last]
+                for row in sorted(int(r) for r in rows):  # the first stored copy wins
+                    if self.key(row) == key:
+                        return row
+            if last < len(hashes):
+                return None
+            block += 1
+        return None
+
+    def key(self, row: int) -> str:
+        return self._keys[row]
+
+    def keys(self) -> list[str]:
+        return self._keys[()].tolist() if self.n else []
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self._columns:
+            self._columns[name] = self._handle[name][()]
+        return self._columns[name]
+
+    @property
+    def duplicate_keys(self) -> int:
+        """Keys stored more than once (only a damaged index has any): reads the key table."""
+        if self._duplicates is None:
+            hashes = self._hash[()]
+            same = np.nonzero(hashes[1:] == hashes[:-1])[0]
+            rows = self._rows[()]
+            self._duplicates = sum(1 for i in same if self.key(int(rows[i])) == self.key(int(rows[i + 1])))
+        return self._duplicates
+
+    def record(self, row: int) -> _Record:
+        v = self._table[row].tolist()
+        return _Record(
+            v[0], v[1], (v[2], v[3], v[4]), (v[5], v[6]), (v[7], v[8]), (v[9], v[10]), v[11], v[12], v[13], v[14],
+            self._kinds[v[15]], self._decoders[v[16]],
+        )
+
+
 class FeatureFile:
-    """An open merge-cli output: `len`, `keys()`, `in`, `[key]`, `[index]`, iteration, `.attrs`."""
+    """An open merge-cli output: `len`, `keys()`, `in`, `[key]`, `[index]`, iteration, `.attrs`.
+
+    Opening an index takes the same time and memory for a thousand samples or a hundred million:
+    per-sample data is read when asked for (`column()` reads a whole column on first use)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -109,27 +247,21 @@ class FeatureFile:
                 raise FormatError(f"{self.path}: damaged merge-cli output (tokens has shape {tokens.shape})")
             self.token_dim = int(tokens.shape[1])
             self.rows = int(tokens.shape[0])
-            self._keys = read_strings(handle["keys"])
-            n = len(self._keys)
-            # The first occurrence wins if a key is stored twice (only a damaged shard can have that).
-            self._row = {key: i for i, key in zip(range(n - 1, -1, -1), reversed(self._keys))}
-            self.duplicate_keys = n - len(self._row)
-            self._columns = {name: handle[name][()] for name in COLUMNS}
             if self.role == "index":
-                self._columns["shard"] = handle["shard"][()]
-                self._columns["shard_offsets"] = handle["shard_offsets"][()]
+                self._table: _ShardTable | _IndexTable = _IndexTable(handle, self.path, self.attrs.get("format_version"))
                 self.shard_paths = [self.path.parent / rel for rel in read_strings(handle["shards/path"])]
             else:
-                self._columns["shard"] = np.zeros(n, dtype=np.int32)
-                self._columns["shard_offsets"] = self._columns["offsets"]
+                self._table = _ShardTable(handle, self.path)
                 self.shard_paths = [self.path]
-            bad = [name for name, values in self._columns.items() if len(values) != n]
-            if bad:
-                raise FormatError(f"{self.path}: damaged merge-cli output ({', '.join(bad)} do not have {n} rows)")
             self._frame_indices = handle["frame_indices"]
             self._frame_times = handle["frame_times"]
         except (KeyError, OSError, ValueError, IndexError) as error:
             raise FormatError(f"{self.path}: damaged merge-cli output ({first_line(error)})") from error
+
+    @property
+    def duplicate_keys(self) -> int:
+        """Keys stored more than once in this file (the reader returns the first)."""
+        return self._table.duplicate_keys
 
     @property
     def h5(self) -> h5py.File:
@@ -137,47 +269,51 @@ class FeatureFile:
         return self._file
 
     def column(self, name: str) -> np.ndarray:
-        """A per-sample table held in memory: offsets, lengths, grid_thw, merged_hw, orig_hw,
-        resized_hw, kind, decoder, frame_offsets, frame_lengths, shard, shard_offsets."""
-        return self._columns[name]
+        """A whole per-sample table (read on first use, then kept): offsets, lengths, grid_thw,
+        merged_hw, orig_hw, resized_hw, kind, decoder, frame_offsets, frame_lengths, shard,
+        shard_offsets."""
+        if name not in (*COLUMNS, "shard", "shard_offsets"):
+            raise KeyError(name)
+        return self._table.column(name)
 
     # -- mapping interface --------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._table.n
 
     def keys(self) -> list[str]:
-        """All keys, in file order."""
-        return list(self._keys)
+        """All keys, in file order (read when called: at 100M keys that is gigabytes)."""
+        return self._table.keys()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._row
+        return isinstance(key, str) and self._table.row_of(key) is not None
 
     def index(self, key: str) -> int:
         """Position of `key`; KeyError when it is not stored."""
-        return self._row[key]
+        row = self._table.row_of(key)
+        if row is None:
+            raise KeyError(key)
+        return row
 
     def __getitem__(self, item: str | int) -> FeatureSample:
         if isinstance(item, str):
-            try:
-                row = self._row[item]
-            except KeyError:
-                raise KeyError(item) from None
-        elif isinstance(item, (int, np.integer)):
+            return self._sample(self.index(item), item)
+        if isinstance(item, (int, np.integer)):
             row = int(item)
+            n = self._table.n
             if row < 0:
-                row += len(self._keys)
-            if not 0 <= row < len(self._keys):
-                raise IndexError(f"sample index {item} out of range for {len(self._keys)} samples")
-        else:
-            raise TypeError(f"index with a key (str) or a position (int), not {type(item).__name__}")
-        return self._sample(row)
+                row += n
+            if not 0 <= row < n:
+                raise IndexError(f"sample index {item} out of range for {n} samples")
+            return self._sample(row)
+        raise TypeError(f"index with a key (str) or a position (int), not {type(item).__name__}")
 
     def get(self, key: str, default: Any = None) -> FeatureSample | Any:
-        return self[key] if key in self._row else default
+        row = self._table.row_of(key)
+        return default if row is None else self._sample(row, key)
 
     def __iter__(self) -> Iterator[FeatureSample]:
-        for row in range(len(self._keys)):
+        for row in range(self._table.n):
             yield self._sample(row)
 
     def failures(self) -> list[Failure]:
@@ -188,42 +324,42 @@ class FeatureFile:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _sample(self, row: int) -> FeatureSample:
-        cols = self._columns
-        t, gh, gw = (int(v) for v in cols["grid_thw"][row])
-        mh, mw = (int(v) for v in cols["merged_hw"][row])
-        length = int(cols["lengths"][row])
-        if length != t * mh * mw:
-            raise FormatError(f"{self.path}: damaged sample {self._keys[row]!r} ({length} rows for grid {t}x{mh}x{mw})")
-        rows = self.read_rows(row)
-        frames = int(cols["frame_lengths"][row])
-        if frames:
-            start = int(cols["frame_offsets"][row])
-            frame_indices = self._frame_indices[start : start + frames].tolist()
-            frame_times = self._frame_times[start : start + frames].tolist()
+    def _sample(self, row: int, key: str | None = None) -> FeatureSample:
+        record = self._table.record(row)
+        key = self._table.key(row) if key is None else key
+        t, gh, gw = record.grid_thw
+        mh, mw = record.merged_hw
+        if record.length != t * mh * mw:
+            raise FormatError(f"{self.path}: damaged sample {key!r} ({record.length} rows for grid {t}x{mh}x{mw})")
+        rows = self._rows_of(record)
+        if record.frame_length:
+            start, stop = record.frame_offset, record.frame_offset + record.frame_length
+            frame_indices = self._frame_indices[start:stop].tolist()
+            frame_times = self._frame_times[start:stop].tolist()
         else:
             frame_indices, frame_times = [], []
         return FeatureSample(
-            key=self._keys[row],
-            kind=cols["kind"][row].decode(),
+            key=key,
+            kind=record.kind,
             tokens=numpy_to_tokens(rows, self.dtype_name).view(t, mh * mw, self.token_dim),
             grid_thw=(t, gh, gw),
             merged_hw=(mh, mw),
-            orig_hw=(int(cols["orig_hw"][row][0]), int(cols["orig_hw"][row][1])),
-            resized_hw=(int(cols["resized_hw"][row][0]), int(cols["resized_hw"][row][1])),
+            orig_hw=record.orig_hw,
+            resized_hw=record.resized_hw,
             frame_indices=frame_indices,
             frame_times=frame_times,
-            decoder=cols["decoder"][row].decode(),
+            decoder=record.decoder,
             index=row,
         )
 
     def read_rows(self, row: int) -> np.ndarray:
         """The stored `(length, D)` token rows of sample `row`, as stored (bf16 as uint16)."""
-        length = int(self._columns["lengths"][row])
-        if not length:
+        return self._rows_of(self._table.record(row))
+
+    def _rows_of(self, record: _Record) -> np.ndarray:
+        if not record.length:
             return np.empty((0, self.token_dim), dtype=NUMPY_DTYPES[self.dtype_name])
-        start = int(self._columns["shard_offsets"][row])
-        return self.shard_tokens(int(self._columns["shard"][row]))[start : start + length]
+        return self.shard_tokens(record.shard)[record.shard_offset : record.shard_offset + record.length]
 
     def shard_tokens(self, shard: int) -> h5py.Dataset:
         """`tokens` of shard number `shard` (see `shard_paths`), from a small LRU of open handles."""
@@ -293,13 +429,14 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         with open_features(self.path) as features:  # opened and closed here: nothing to inherit
             if keys is None:
-                self._rows: list[int] | None = None
+                self._rows: np.ndarray | None = None  # numpy: no per-row object for workers to copy
                 self._length = len(features)
             else:
-                missing = [k for k in keys if k not in features]
+                rows = np.fromiter((-1 if (r := features._table.row_of(k)) is None else r for k in keys), np.int64)
+                missing = [keys[i] for i in np.nonzero(rows < 0)[0][:1]]
                 if missing:
-                    raise KeyError(f"{len(missing)} keys are not in {self.path}, e.g. {missing[0]!r}")
-                self._rows = [features.index(k) for k in keys]
+                    raise KeyError(f"{int((rows < 0).sum())} keys are not in {self.path}, e.g. {missing[0]!r}")
+                self._rows = rows
                 self._length = len(self._rows)
         self._features: FeatureFile | None = None
         self._pid: int | None = None
@@ -310,7 +447,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> FeatureSample:
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range for {self._length} samples")
-        row = index if self._rows is None else self._rows[index]
+        row = index if self._rows is None else int(self._rows[index])
         return self.features[row]
 
     @property

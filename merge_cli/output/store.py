@@ -35,6 +35,7 @@ from merge_cli.output.format import (
     GROW_CHUNKS,
     GZIP_LEVEL,
     LIBVER,
+    NO_UNIT,
     NUMPY_DTYPES,
     SAMPLE_OVERHEAD_BYTES,
     SHARD_ATTRS,
@@ -48,6 +49,7 @@ from merge_cli.output.format import (
     failures_columns,
     list_shards,
     list_temporaries,
+    list_unit_markers,
     object_array,
     open_h5,
     parse_shard_name,
@@ -56,6 +58,7 @@ from merge_cli.output.format import (
     shard_dir,
     shard_name,
     tokens_to_numpy,
+    unit_marker_name,
     write_columns,
 )
 from merge_cli.records import Failure, Features
@@ -143,65 +146,78 @@ class ShardWriter:
         self._token_dim: int | None = None
         self._chunk_rows = 0
         self._sequence = self._first_free_sequence()
-        self._shard: _OpenShard | None = None
+        self._shards: dict[int, _OpenShard] = {}
+        """The open shard of every unit in flight (a shard never mixes units)."""
         self._closed = False
         self.samples_written = 0
         self.failures_written = 0
         self.tokens_written = 0
         self._finished_bytes = 0
         self.shard_paths: list[Path] = []
+        self.unit_shards: dict[int, list[str]] = {}
+        """Names of the shards committed per unit by this writer (until `finish_unit` takes them)."""
 
     # -- public API ---------------------------------------------------------------------------
 
     @property
     def bytes_written(self) -> int:
-        """Bytes of the finished shards on disk plus the estimate for the open one."""
-        return self._finished_bytes + (self._shard.estimated_bytes() if self._shard else 0)
+        """Bytes of the finished shards on disk plus the estimate for the open ones."""
+        return self._finished_bytes + sum(shard.estimated_bytes() for shard in self._shards.values())
 
-    def add(self, features: Features) -> None:
+    def add(self, features: Features, unit: int = NO_UNIT) -> None:
         """Store one sample's tokens; rolls to a new shard when this one would exceed `shard_bytes`."""
         self._check_open()
         rows, meta = self._prepare(features)
-        if self._shard is not None and self._shard.token_dim is None:  # opened by a failure record
-            self._shard.token_dim, self._shard.chunk_rows = self._token_dim, self._chunk_rows
-        if self._shard is not None and not self._shard.empty:
-            if self._shard.estimated_bytes(extra_rows=len(rows), extra_meta=meta) > self.shard_bytes:
-                self._commit()
-        shard = self._open_shard()
-        shard.add(rows, meta)
+        shard = self._shards.get(unit)
+        if shard is not None and shard.token_dim is None:  # opened by a failure record
+            shard.token_dim, shard.chunk_rows = self._token_dim, self._chunk_rows
+        if shard is not None and not shard.empty:
+            if shard.estimated_bytes(extra_rows=len(rows), extra_meta=meta) > self.shard_bytes:
+                self._commit(unit)
+        self._open_shard(unit).add(rows, meta)
         self.samples_written += 1
         self.tokens_written += len(rows)
 
-    def add_failure(self, failure: Failure) -> None:
+    def add_failure(self, failure: Failure, unit: int = NO_UNIT) -> None:
         """Store an error record (key, stage, type, message)."""
         self._check_open()
         record = (str(failure.key), str(failure.stage), str(failure.error_type), str(failure.message))
         extra = SAMPLE_OVERHEAD_BYTES + sum(len(s.encode()) for s in record)
-        if self._shard is not None and not self._shard.empty:
-            if self._shard.estimated_bytes(extra_meta_bytes=extra) > self.shard_bytes:
-                self._commit()
-        self._open_shard().failures.append(record)
+        shard = self._shards.get(unit)
+        if shard is not None and not shard.empty:
+            if shard.estimated_bytes(extra_meta_bytes=extra) > self.shard_bytes:
+                self._commit(unit)
+        self._open_shard(unit).failures.append(record)
         self.failures_written += 1
 
+    def finish_unit(self, unit: int) -> list[str]:
+        """Commit the unit's open shard; the names of every shard this writer wrote for it."""
+        self._check_open()
+        if unit in self._shards:
+            self._commit(unit)
+        return self.unit_shards.pop(unit, [])
+
     def close(self) -> None:
-        """Finish the open shard (close the file, then rename it into place). Idempotent.
+        """Finish the open shards (close each file, then rename it into place). Idempotent.
 
         A shard whose file write failed (disk full, I/O error) is deleted instead: its samples are
         not in any complete shard, so a resumed run computes them again."""
         if self._closed:
             return
         self._closed = True
-        if self._shard is not None and self._shard.broken:
-            self.abort()
-        elif self._shard is not None:
-            self._commit()
+        for unit, shard in list(self._shards.items()):
+            if shard.broken:
+                shard.discard()
+                del self._shards[unit]
+            else:
+                self._commit(unit)
 
     def abort(self) -> None:
-        """Drop the open shard without committing it (its temporary file is deleted)."""
+        """Drop the open shards without committing them (their temporary files are deleted)."""
         self._closed = True
-        if self._shard is not None:
-            self._shard.discard()
-            self._shard = None
+        for shard in self._shards.values():
+            shard.discard()
+        self._shards.clear()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -216,8 +232,9 @@ class ShardWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
-        if self._shard is not None and self._shard.broken:
-            raise RuntimeError(f"writing {self._shard.tmp} failed earlier; this writer can only be closed")
+        for shard in self._shards.values():
+            if shard.broken:
+                raise RuntimeError(f"writing {shard.tmp} failed earlier; this writer can only be closed")
 
     def _first_free_sequence(self) -> int:
         """Never reuse a name: one past the highest sequence of this rank, complete or temporary."""
@@ -276,14 +293,15 @@ class ShardWriter:
         )
         return rows, meta
 
-    def _open_shard(self) -> _OpenShard:
-        if self._shard is None:
+    def _open_shard(self, unit: int) -> _OpenShard:
+        shard = self._shards.get(unit)
+        if shard is None:
             final = shard_dir(self.out) / shard_name(self.rank, self._sequence)
             self._sequence += 1
-            attrs = dict(self._attrs, role="shard", shard_rank=self.rank, shard_sequence=self._sequence - 1)
+            attrs = dict(self._attrs, role="shard", shard_rank=self.rank, shard_sequence=self._sequence - 1, unit=unit)
             if self._token_dim is not None:
                 attrs["token_dim"] = self._token_dim
-            self._shard = _OpenShard(
+            shard = self._shards[unit] = _OpenShard(
                 final,
                 encode_attrs(attrs),
                 self._np_dtype,
@@ -293,13 +311,13 @@ class ShardWriter:
                 self._compression_kwargs,
                 self._attr_bytes,
             )
-        return self._shard
+        return shard
 
-    def _commit(self) -> None:
-        assert self._shard is not None
-        shard, self._shard = self._shard, None
+    def _commit(self, unit: int) -> None:
+        shard = self._shards.pop(unit)
         path = shard.commit()
         self.shard_paths.append(path)
+        self.unit_shards.setdefault(unit, []).append(path.name)
         self._finished_bytes += path.stat().st_size
 
 
@@ -600,6 +618,118 @@ def remove_stale_temporaries(out: Path, rank: int | None = None) -> list[Path]:
     return removed
 
 
+@dataclass(frozen=True)
+class UnitPart:
+    """What complete shards hold of a unit that has no completion marker (a killed run's)."""
+
+    shards: list[str]
+    done_keys: set[str]
+    failed_keys: set[str]
+    """Keys with only error records in these shards."""
+
+
+@dataclass(frozen=True)
+class UnitScan:
+    """An existing output seen by unit, for resuming: read in O(shards), no per-sample data
+    except the keys of shards that no completion marker covers (a killed run's last units)."""
+
+    attrs: dict
+    """Root attributes (as stored, JSON kept as text), from the first shard or else the index."""
+    complete: dict[int, dict]
+    """unit -> its completion marker (fingerprint, counts, shards)."""
+    partial: dict[int, UnitPart]
+    """unit -> what complete shards hold of it, for units without a marker."""
+    loose_done: set[str]
+    """Keys stored in shards that belong to no unit (older outputs, ShardWriter used directly)."""
+    loose_failed: set[str]
+    shard_count: int
+
+
+def write_unit_marker(out: Path, unit: int, marker: Mapping[str, object]) -> Path:
+    """The unit's completion marker, written last (after its shards), atomically."""
+    import json
+
+    final = shard_dir(out) / unit_marker_name(unit)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(dict(marker, unit=unit), sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    return final
+
+
+def read_unit_marker(path: Path) -> dict:
+    import json
+
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FormatError(f"{path}: damaged unit marker ({error}); delete it to redo that unit") from error
+    if not isinstance(marker, dict) or not isinstance(marker.get("shards"), list):
+        raise FormatError(f"{path}: damaged unit marker (no shard list); delete it to redo that unit")
+    return marker
+
+
+def scan_units(out: Path, *, rank: int | None = None) -> UnitScan | None:
+    """The units of an existing output, or None when there is none. Cost: one folder listing, one
+    small JSON file per complete unit, one shard opened for the settings, and the keys of the
+    shards no marker names. Deletes stale temporaries as `scan_existing` does."""
+    out = Path(out)
+    remove_stale_temporaries(out, rank)
+    shards = list_shards(out)
+    index_attrs: dict | None = None
+    if out.exists():
+        with open_h5(out) as handle:
+            index_attrs = decode_attrs(handle.attrs, parse_json=False)
+    if not shards and index_attrs is None:
+        return None
+    complete = {unit: read_unit_marker(path) for unit, path in list_unit_markers(out)}
+    covered = {name for marker in complete.values() for name in marker["shards"]}
+    attrs: dict | None = None
+    partial: dict[int, UnitPart] = {}
+    loose_done: set[str] = set()
+    loose_failed: set[str] = set()
+    hashes = {str(m.get("config_hash")) for m in complete.values() if m.get("config_hash") is not None}
+    for path in shards:
+        if path.name in covered and attrs is not None:
+            continue
+        try:
+            with open_h5(path) as handle:
+                shard_attrs = decode_attrs(handle.attrs, parse_json=False)
+                if path.name not in covered:
+                    done = set(read_strings(handle["keys"]))
+                    failed = set(read_strings(handle["errors/key"]))
+        except KeyError as error:
+            raise FormatError(f"{path}: damaged shard (missing {error})") from error
+        if attrs is None:
+            attrs = shard_attrs
+        hashes.add(str(shard_attrs.get("config_hash")))
+        if path.name in covered:
+            continue
+        unit = int(shard_attrs.get("unit", NO_UNIT))
+        if unit == NO_UNIT:
+            loose_done |= done
+            loose_failed |= failed
+            continue
+        part = partial.setdefault(unit, UnitPart([], set(), set()))
+        part.shards.append(path.name)
+        part.done_keys.update(done)
+        part.failed_keys.update(failed)
+    if len(hashes) > 1:
+        raise FormatError(
+            f"{shard_dir(out)}: shards were written with different settings (config_hash {', '.join(sorted(hashes))}); "
+            "start over with --overwrite"
+        )
+    for part in partial.values():
+        part.failed_keys.difference_update(part.done_keys)
+    if attrs is None:
+        attrs = index_attrs or {}
+    for name in SHARD_ATTRS:
+        attrs.pop(name, None)
+    return UnitScan(attrs, complete, partial, loose_done, loose_failed - loose_done, len(shards))
+
+
 def remove_output(out: Path) -> None:
     """Delete `out` and its shards (only files merge-cli wrote); the shard folder if left empty.
 
@@ -615,7 +745,7 @@ def remove_output(out: Path) -> None:
     for path in shards:
         _check_own_shard(path)
     remove_stale_temporaries(out)
-    for path in shards:
+    for path in shards + [marker for _, marker in list_unit_markers(out)]:
         path.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
     folder = shard_dir(out)
