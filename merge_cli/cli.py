@@ -394,6 +394,12 @@ def extract_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete an existing output and start over.", rich_help_panel=_OUTPUT)
     ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed", help="On resume, try the inputs that failed before again.", rich_help_panel=_OUTPUT
+        ),
+    ] = False,
     min_pixels: Annotated[
         Optional[int],
         typer.Option(min=1, help="Resize floor (default: 4 * factor^2).", rich_help_panel=_RESIZE, show_default=False),
@@ -524,6 +530,12 @@ def extract_command(
     strict: Annotated[
         bool, typer.Option("--strict", help="Stop at the first input that fails (under torchrun: on every rank) and exit 3.", rich_help_panel=_RUN)
     ] = False,
+    unit_size: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Samples per work unit (what a rank claims, what resume skips whole).", rich_help_panel=_RUN
+        ),
+    ] = 10_000,
     rank: Annotated[
         Optional[int],
         typer.Option(
@@ -590,6 +602,8 @@ def extract_command(
             shard_bytes=parse_byte_size(shard_size),
             compression=compression.value,
             resume="overwrite" if overwrite else "resume" if resume else "auto",
+            retry_failed=retry_failed,
+            unit_size=unit_size,
             strict=strict,
             rank=rank,
             world_size=world_size,

@@ -228,6 +228,10 @@ class ExtractConfig:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     compression: str = "none"
     resume: str = "auto"
+    retry_failed: bool = False
+    """On resume, run the inputs that failed before again (by default their error records stand)."""
+    unit_size: int = 10_000
+    """Samples per work unit: the piece a rank claims and the piece resume skips whole."""
     strict: bool = False
     """Stop at the first input that fails."""
     rank: int | None = None
@@ -260,6 +264,8 @@ class ExtractConfig:
             raise UsageError(f"resume mode must be one of {', '.join(RESUME_MODES)}; got {self.resume!r}")
         if self.batch_tokens < 1:
             raise UsageError(f"--batch-tokens must be positive; got {self.batch_tokens}")
+        if self.unit_size < 1:
+            raise UsageError(f"--unit-size must be at least 1; got {self.unit_size}")
         if self.workers < 0:
             raise UsageError(f"--workers must not be negative; got {self.workers}")
         if self.projector and self.random_projector:

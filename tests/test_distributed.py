@@ -1,4 +1,4 @@
-"""Scaling out: the pure work split, torchrun on CPU (gloo), killed ranks, and hand-split jobs."""
+"""Scaling out: unit claims, torchrun on CPU (gloo) with a slow rank, killed ranks, and hand-split jobs."""
 
 from __future__ import annotations
 
@@ -12,38 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from media_factory import make_image, make_video
 
 from merge_cli.output.reader import open_features
-from merge_cli.run.distributed import DistContext, split_work
+from merge_cli.run.distributed import DistContext, static_owner, unit_claims
 
 CPU_FP32 = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 EXTRACT = [sys.executable, "-m", "merge_cli", "extract"]
-
-
-@settings(max_examples=300, deadline=None)
-@given(costs=st.lists(st.integers(1, 10_000), max_size=200), world_size=st.integers(1, 9))
-def test_split_covers_every_sample_once_and_balances_cost(costs, world_size):
-    parts = split_work(costs, world_size)
-    assert len(parts) == world_size
-    flat = [index for part in parts for index in part]
-    assert sorted(flat) == list(range(len(costs)))
-    assert all(part == sorted(part) for part in parts)
-    loads = [sum(costs[i] for i in part) for part in parts]
-    biggest = max(costs, default=0)
-    ideal = sum(costs) / world_size
-    # Within one sample's cost of the ideal share, on both sides.
-    assert max(loads) - ideal <= biggest and ideal - min(loads) <= biggest
-    assert split_work(costs, world_size) == parts  # deterministic
-
-
-def test_split_keeps_videos_from_piling_up_on_one_rank():
-    costs = [8192] * 4 + [256] * 400  # four long videos among many images
-    loads = [sum(costs[i] for i in part) for part in split_work(costs, 4)]
-    assert max(loads) - min(loads) <= 256
 
 
 def test_context_from_environment(monkeypatch):
@@ -88,12 +64,51 @@ def test_torchrun_two_ranks_equals_one_process(corpus, tmp_path):
     single, double = tmp_path / "single.h5", tmp_path / "double.h5"
     _run([*EXTRACT, "--input", str(corpus), "--out", str(single), *CPU_FP32])
     done = _run([*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract",
-                 "--input", str(corpus), "--out", str(double), *CPU_FP32, "--json"])
+                 "--input", str(corpus), "--out", str(double), *CPU_FP32, "--unit-size", "3", "--json"])
     summary = json.loads(done.stdout)  # rank 0 alone prints, for the whole job
     assert summary["world_size"] == 2 and summary["written"] == 16 and summary["failed"] == 0
     shards = sorted(p.name for p in (tmp_path / "double.h5.d").glob("*.h5"))
     assert any(name.startswith("r000-") for name in shards) and any(name.startswith("r001-") for name in shards)
     _assert_same_features(single, double)
+
+
+def _markers(out: Path) -> dict[int, dict]:
+    folder = out.with_name(out.name + ".d")
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in folder.glob("unit-*.json")}
+
+
+@pytest.mark.slow
+def test_a_slow_rank_claims_fewer_units_and_the_output_is_the_same(tmp_path):
+    root = tmp_path / "media"
+    for index in range(24):
+        make_image(root / f"{index:02d}.png", 56 + 28 * (index % 3), 84 + 28 * (index % 2))
+    single, double = tmp_path / "single.h5", tmp_path / "double.h5"
+    _run([*EXTRACT, "--input", str(root), "--out", str(single), *CPU_FP32, "--unit-size", "2"])
+    slowed = {**os.environ, "MERGE_CLI_TEST_SLOW_RANK": "1:2.0"}  # rank 1 sleeps 2 s per unit it claims
+    done = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract", "--input", str(root),
+                           "--out", str(double), *CPU_FP32, "--unit-size", "2", "--json"],
+                          capture_output=True, text=True, timeout=300, env=slowed)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["written"] == 24
+    markers = _markers(double)
+    assert sorted(markers) == list(range(12))  # every unit done once, by one rank
+    by_rank = [sum(1 for m in markers.values() if m["rank"] == rank) for rank in (0, 1)]
+    assert by_rank[0] > by_rank[1] >= 1, by_rank  # the fast rank took more
+    for marker in markers.values():  # a unit's shards are all of the rank that did it
+        assert all(name.startswith(f"r{marker['rank']:03d}-") for name in marker["shards"])
+    _assert_same_features(single, double)
+    assert {u: (m["fingerprint"], m["entries"]) for u, m in markers.items()} == {
+        u: (m["fingerprint"], m["entries"]) for u, m in _markers(single).items()
+    }
+
+
+def test_claims_static_round_robin_and_alone():
+    from itertools import islice
+
+    assert list(islice(unit_claims(DistContext()), 4)) == [0, 1, 2, 3]
+    parts = [list(islice(unit_claims(DistContext(rank, 3)), 5)) for rank in range(3)]
+    assert parts == [[0, 3, 6, 9, 12], [1, 4, 7, 10, 13], [2, 5, 8, 11, 14]]
+    assert all(static_owner(unit, 3) == rank for rank, part in enumerate(parts) for unit in part)
 
 
 def _children(pid: int) -> list[int]:
@@ -129,7 +144,7 @@ def test_killed_rank_then_rerun_with_another_world_size(tmp_path):
     _run([*EXTRACT, "--input", str(root), "--out", str(clean), *CPU_FP32])
 
     run = [*TORCHRUN, "--nproc-per-node", "2", "-m", "merge_cli", "extract", "--input", str(root),
-           "--out", str(out), *CPU_FP32, "--shard-size", "30kB", "--batch-tokens", "64"]
+           "--out", str(out), *CPU_FP32, "--shard-size", "30kB", "--batch-tokens", "64", "--unit-size", "10"]
     launcher = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = tmp_path / "feats.h5.d"
     deadline = time.monotonic() + 180
@@ -157,7 +172,7 @@ def test_index_over_separate_rank_jobs(corpus, tmp_path):
     _run([*EXTRACT, "--input", str(corpus), "--out", str(single), *CPU_FP32])
     written = 0
     for rank in (1, 0):  # two jobs that never talk to each other, in either order
-        done = _run([*EXTRACT, "--input", str(corpus), "--out", str(split), *CPU_FP32,
+        done = _run([*EXTRACT, "--input", str(corpus), "--out", str(split), *CPU_FP32, "--unit-size", "5",
                      "--rank", str(rank), "--world-size", "2", "--json"])
         written += json.loads(done.stdout)["written"]
     assert written == 16

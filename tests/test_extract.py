@@ -214,19 +214,30 @@ def test_resume_skips_done_and_refuses_other_settings(cli, corpus, tmp_path):
     assert fresh.exit_code == 0 and json.loads(fresh.stdout)["written"] == len(IMAGES) + len(VIDEOS)
 
 
-def test_failed_keys_are_retried_on_resume(cli, corpus, tmp_path):
+def test_failed_keys_stand_on_resume_unless_retry_failed(cli, corpus, tmp_path):
     bad = corpus / "late.png"
     bad.write_bytes(b"garbage")
     out = tmp_path / "feats.h5"
     assert _extract(cli, corpus, out).exit_code == 3
+    shards = sorted(p.name for p in (tmp_path / "feats.h5.d").glob("*.h5"))
     make_image(bad, 100, 100)  # fixed now
-    result = _extract(cli, corpus, out, "--json")
+    again = _extract(cli, corpus, out, "--json")  # an error record is permanent by default...
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["written"] == 0 and summary["skipped"] == len(IMAGES) + len(VIDEOS) + 1
+    assert sorted(p.name for p in (tmp_path / "feats.h5.d").glob("*.h5")) == shards  # nothing new written
+    with open_features(out) as features:
+        assert "late.png" not in features and [f.key for f in features.failures()] == ["late.png"]
+    result = _extract(cli, corpus, out, "--retry-failed", "--json")  # ...until asked for
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["written"] == 1
     with open_features(out) as features:
         assert "late.png" in features
+        torch.testing.assert_close(features["late.png"].tokens.shape[0], 1)
     report = json.loads(cli("inspect", str(out), "--json").stdout)
     assert report["counts"]["errors"] == 0  # the earlier failure is superseded by the success
+    third = _extract(cli, corpus, out, "--retry-failed", "--json")  # nothing failed any more
+    assert json.loads(third.stdout)["written"] == 0
 
 
 def test_json_prints_only_json(cli, corpus, tmp_path):

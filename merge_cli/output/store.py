@@ -552,7 +552,7 @@ class ExistingOutput:
     shards: list[Path]
 
 
-def scan_existing(out: Path, *, rank: int | None = None) -> ExistingOutput | None:
+def scan_existing(out: Path, *, rank: int | None = None, delete_temporaries: bool = True) -> ExistingOutput | None:
     """The keys and settings of an existing output, or None when there is none.
 
     Deletes the temporary files whose owner is provably gone (see `remove_stale_temporaries`):
@@ -561,7 +561,8 @@ def scan_existing(out: Path, *, rank: int | None = None) -> ExistingOutput | Non
     were written with different settings (different `config_hash`).
     """
     out = Path(out)
-    remove_stale_temporaries(out, rank)
+    if delete_temporaries:
+        remove_stale_temporaries(out, rank)
     shards = list_shards(out)
     index_attrs: dict | None = None
     if out.exists():

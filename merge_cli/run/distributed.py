@@ -1,4 +1,4 @@
-"""Scaling out: the torchrun environment, the pure work-split function, and rank coordination.
+"""Scaling out: the torchrun environment, which units a rank does, and rank coordination.
 
 With no torchrun environment and no --rank/--world-size, everything here is a no-op and the
 single-process path stays a plain loop.
@@ -7,35 +7,14 @@ single-process path stays a plain loop.
 from __future__ import annotations
 
 import datetime
-import heapq
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-
-from merge_cli.errors import UsageError
 
 # Rank 0 waits for every other rank before writing the index: the slowest rank may finish long
 # after the others, so this is generous (overridable with MERGE_CLI_BARRIER_TIMEOUT seconds).
 DEFAULT_BARRIER_TIMEOUT = datetime.timedelta(hours=6)
-
-
-def split_work(costs: Sequence[int], world_size: int) -> list[list[int]]:
-    """Deterministically assign sample indices to ranks, balancing the summed cost.
-
-    Longest-processing-time greedy: the costliest sample goes to the least-loaded rank (ties to
-    the lower rank; equal costs keep input order). Every index lands on exactly one rank, and any
-    two ranks' loads differ by at most one sample's cost. Each rank's list is in input order.
-    """
-    if world_size < 1:
-        raise UsageError(f"world size must be at least 1; got {world_size}")
-    order = sorted(range(len(costs)), key=lambda index: (-costs[index], index))
-    loads = [(0, rank) for rank in range(world_size)]  # a heap of (load, rank)
-    assigned: list[list[int]] = [[] for _ in range(world_size)]
-    for index in order:
-        load, rank = heapq.heappop(loads)
-        assigned[rank].append(index)
-        heapq.heappush(loads, (load + costs[index], rank))
-    return [sorted(indices) for indices in assigned]
 
 
 @dataclass(frozen=True)
@@ -140,3 +119,45 @@ class StoreCounts:
 
     def add(self, samples: int, tokens: int, failures: int) -> tuple[int, int, int]:
         return tuple(int(self.store.add(key, value)) for key, value in zip(self.KEYS, (samples, tokens, failures)))  # type: ignore[return-value]
+
+
+NEXT_UNIT_KEY = "merge-cli/next-unit"
+SLOW_RANK_ENV = "MERGE_CLI_TEST_SLOW_RANK"
+"""Test-only: `RANK:SECONDS` makes that rank sleep after each unit it claims (a slow GPU)."""
+
+
+def static_owner(unit: int, world_size: int) -> int:
+    """The rank that does `unit` when ranks never talk (--rank/--world-size): round robin, so
+    every rank gets every world_size-th unit of the listing, and any rerun agrees."""
+    return unit % world_size
+
+
+def unit_claims(dist: DistContext) -> Iterator[int]:
+    """The units this process does, in increasing order, forever (the listing decides the end).
+
+    Under torchrun each claim takes the next number of a counter in the process group's store
+    (TCPStore `add`, atomic): a fast rank simply claims more, a slow or dead one holds back only
+    the unit it is on. Alone, every unit; with --rank/--world-size, the static round robin."""
+    slow = _slow_seconds(dist.rank)
+    if dist.connected:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        while True:
+            claimed = int(store.add(NEXT_UNIT_KEY, 1)) - 1
+            if slow:
+                time.sleep(slow)
+            yield claimed
+    unit = dist.rank if dist.is_split else 0
+    step = dist.world_size if dist.is_split else 1
+    while True:
+        yield unit
+        unit += step
+
+
+def _slow_seconds(rank: int) -> float:
+    text = os.environ.get(SLOW_RANK_ENV, "")
+    if ":" not in text:
+        return 0.0
+    which, seconds = text.split(":", 1)
+    return float(seconds) if int(which) == rank else 0.0

@@ -19,14 +19,15 @@ import torch
 
 from merge_cli import __version__
 from merge_cli.config import ExtractConfig, MediaOptions
-from merge_cli.errors import ConfigMismatchError, MediaError
+from merge_cli.errors import ConfigMismatchError
 from merge_cli.hashing import hash_json
-from merge_cli.media.images import decode_sample, plan_sample
+from merge_cli.media.images import decode_sample
 from merge_cli.models.merger import SpatialMergeProjector, load_projector_with_hash
-from merge_cli.records import Failure, Features, Item, Sample
+from merge_cli.records import Failure, Features, Item
 from merge_cli.run.batching import TokenBatcher
 from merge_cli.run.compute import FeatureExtractor, PendingOutput, resolve_device
-from merge_cli.run.distributed import DistContext, split_work
+from merge_cli.run.distributed import DistContext, unit_claims
+from merge_cli.run.feed import Todo, UnitPlan, WorkFeed
 from merge_cli.run.progress import Reporter
 
 RANDOM_PROJECTOR_SEED = 1234
@@ -164,7 +165,7 @@ def claim_output(out: Path, dist: DistContext) -> list:
 def _run_claimed(
     config: ExtractConfig, reporter: Reporter, dist: DistContext, device: torch.device, started: float
 ) -> RunSummary:
-    from merge_cli.inputs.sources import collect_samples
+    from merge_cli.inputs.sources import ListingStats, stream_units
     from merge_cli.output import store
     from merge_cli.output.index import build_index
 
@@ -182,22 +183,20 @@ def _run_claimed(
         reporter.warn(DEMO_WARNING)
     if config.projector and models.projector is None:
         reporter.warn(f"--output merged stores tower features before the projector: {config.projector} is not used")
-    sample_set = collect_samples(
+    scan = _scan_output(config, out, attrs, dist)
+    plan = UnitPlan(scan, out, retry_failed=config.retry_failed, warn=reporter.warn)
+    stats = ListingStats()
+    units = stream_units(
         [Path(p) for p in config.inputs],
         Path(config.media_root) if config.media_root else None,
+        unit_size=config.unit_size,
         gif_as_video=config.gif_as_video,
+        stats=stats,
     )
-
-    if not sample_set.samples and not sample_set.failures:
-        reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
-    mine, skipped = _plan_work(config, out, attrs, sample_set.samples, media, dist)
-    source_failures = [f for f in sample_set.failures if f.key not in skipped]
+    feed = WorkFeed(units, unit_claims(dist), plan, on_total=reporter.set_total)
 
     summary = RunSummary(
         out=str(out),
-        samples=len(sample_set.samples) + len(sample_set.failures),
-        skipped=len(skipped),
-        ignored_files=sample_set.ignored,
         tower=tower.name,
         tower_is_demo=tower.is_demo,
         output=config.output_kind,
@@ -226,21 +225,21 @@ def _run_claimed(
         compression=config.compression,
         store_dtype=store_dtype,
     )
-    # Source failures (e.g. a manifest naming an unsupported file) belong to rank 0 alone.
-    failures = source_failures if dist.is_main else []
-    total = len(mine) + len(failures)
-    if dist.connected:  # rank 0 shows the whole job's progress
-        total = sum(dist.gather(total))  # type: ignore[arg-type]
+    if dist.connected:  # rank 0 shows the whole job's progress (every rank lists every unit)
         reporter.job = dist.job_counts()
-    reporter.start(total)
+    reporter.start(0)
+    marker_extra = {"rank": dist.rank, "config_hash": attrs["config_hash"], "unit_size": config.unit_size}
     try:
-        _extract_loop(config, media, mine, failures, extractor, writer, reporter, summary)
+        _extract_loop(config, media, feed, extractor, writer, reporter, summary, marker_extra)
     except KeyboardInterrupt:
         if not dist.connected:  # make what was finished readable through feats.h5 right away
             build_index(out, attrs=attrs)
         raise
     finally:
         reporter.finish()
+    summary.samples, summary.skipped, summary.ignored_files = feed.listed, feed.skipped, stats.ignored
+    if feed.exhausted and not feed.listed:
+        reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
     summary.seconds = time.perf_counter() - started
     summary = _finish(out, attrs, dist, summary, reporter)
     return summary
@@ -358,42 +357,23 @@ def json_text(value: object) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _plan_work(
-    config: ExtractConfig,
-    out: Path,
-    attrs: dict,
-    samples: Sequence[Sample],
-    media: MediaOptions,
-    dist: DistContext,
-) -> tuple[list[Sample], set[str]]:
-    """This process's samples still to do, and the keys skipped as already stored.
+def _scan_output(config: ExtractConfig, out: Path, attrs: dict, dist: DistContext):
+    """What an earlier run left (store.UnitScan), or None; --overwrite removes it first.
 
-    Connected ranks (torchrun) all scan before anyone writes, so they agree on what is done and
-    split only the remaining work. Ranks started by hand (--rank/--world-size) never talk to each
-    other and start at different times, so they split *all* samples the same way and each skips
-    its own done keys: the union over ranks always covers everything.
-    """
+    Connected ranks (torchrun) all scan before anyone writes, so they agree on what is done.
+    Each rank deletes only its own temporaries, which no live process can own."""
     from merge_cli.output import store
 
     if config.resume == "overwrite":
         if dist.is_main:
             store.remove_output(out)
         dist.barrier()
-        existing = None
-    else:
-        # rank=...: only this rank's temporaries from a killed run are removed, never a live one's.
-        existing = store.scan_existing(out, rank=dist.rank)
-        dist.barrier()
-    done: set[str] = set()
-    if existing is not None:
-        _check_same_settings(existing.attrs, attrs, out)
-        done = existing.done_keys
-    skipped = {s.key for s in samples if s.key in done}
-    if dist.connected:
-        todo = [s for s in samples if s.key not in done]
-        return _my_share(todo, media, dist), skipped
-    mine = _my_share(list(samples), media, dist)
-    return [s for s in mine if s.key not in done], skipped
+        return None
+    scan = store.scan_units(out, rank=dist.rank)
+    dist.barrier()
+    if scan is not None:
+        _check_same_settings(scan.attrs, attrs, out)
+    return scan
 
 
 def _check_same_settings(old: dict, new: dict, out: Path) -> None:
@@ -446,49 +426,18 @@ def _setting_text(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _my_share(todo: list[Sample], media: MediaOptions, dist: DistContext) -> list[Sample]:
-    """This rank's part of the work, balanced by estimated tokens across ranks."""
-    if not dist.is_split:
-        return todo
-    costs = estimate_costs(todo, media, dist)
-    return [todo[i] for i in split_work(costs, dist.world_size)[dist.rank]]
-
-
-def estimate_costs(samples: Sequence[Sample], media: MediaOptions, dist: DistContext) -> list[int]:
-    """Patch tokens each sample will cost, from headers only; connected ranks share the probing."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def cost(sample: Sample) -> int:
-        try:
-            t, h, w = plan_sample(sample, media)
-            return max(1, t * h * w)
-        except MediaError:
-            return 1  # it will fail fast
-
-    stride = dist.world_size if dist.connected else 1
-    offset = dist.rank if dist.connected else 0
-    mine = list(range(offset, len(samples), stride))
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        probed = dict(zip(mine, pool.map(lambda i: cost(samples[i]), mine)))
-    if dist.connected:
-        for part in dist.gather(probed):
-            probed.update(part)
-    return [probed[i] for i in range(len(samples))]
-
-
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Samples in, decoded items (or failures) out; runs in DataLoader worker processes."""
+    """Todo descriptors in (from the WorkFeed sampler), decoded items (or failures) out; runs in
+    DataLoader worker processes, which hold nothing but the entry they decode."""
 
-    def __init__(self, samples: Sequence[Sample], media: MediaOptions) -> None:
-        self.samples = list(samples)
+    def __init__(self, media: MediaOptions) -> None:
         self.media = media
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Item | Failure, float]:
+    def __getitem__(self, todo: Todo) -> tuple[Item | Failure, float]:
+        if isinstance(todo.entry, Failure):  # failed before decoding (stage source): passed on
+            return todo.entry, 0.0
         started = time.perf_counter()
-        result = decode_sample(self.samples[index], self.media)
+        result = decode_sample(todo.entry, self.media)
         return result, time.perf_counter() - started
 
 
@@ -496,31 +445,32 @@ def _identity(value):
     return value
 
 
-def _decoded(samples: Sequence[Sample], media: MediaOptions, workers: int) -> Iterator[tuple[Item | Failure, float]]:
-    if not samples:
-        return iter(())
-    options: dict = dict(batch_size=None, shuffle=False, num_workers=min(workers, len(samples)), collate_fn=_identity)
-    if options["num_workers"] > 0:
+def _decoded(feed: WorkFeed, media: MediaOptions, workers: int) -> Iterator[tuple[Item | Failure, float]]:
+    options: dict = dict(batch_size=None, sampler=feed, num_workers=workers, collate_fn=_identity)
+    if workers > 0:
         options.update(prefetch_factor=4, persistent_workers=False)
         if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
             options["in_order"] = False  # a slow video must not hold up the images behind it
-    return iter(torch.utils.data.DataLoader(_DecodeDataset(samples, media), **options))
+    return iter(torch.utils.data.DataLoader(_DecodeDataset(media), **options))
 
 
 class _BackgroundWriter:
     """Stores results on a thread so disk writes overlap the next batch's compute."""
 
-    def __init__(self, writer, summary: RunSummary, reporter: Reporter) -> None:
+    def __init__(self, writer, summary: RunSummary, reporter: Reporter, feed: WorkFeed, marker_extra: dict) -> None:
         self.writer = writer
         self.summary = summary
         self.reporter = reporter
+        self.feed = feed
+        self.marker_extra = marker_extra
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.busy = 0.0
         self.thread = threading.Thread(target=self._run, name="merge-cli-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, pending: PendingOutput) -> None:
+    def submit(self, pending: PendingOutput | int) -> None:
+        """Results to store, or a unit number: that unit has nothing left, write its marker."""
         self._raise_if_failed()
         self.queue.put(pending)
 
@@ -542,20 +492,31 @@ class _BackgroundWriter:
                 continue  # drain so that submit never blocks forever
             try:
                 started = time.perf_counter()
-                self._store(pending.wait())
+                if isinstance(pending, int):
+                    self._finish_unit(pending)
+                else:
+                    self._store(pending.wait())
                 self.busy += time.perf_counter() - started
             except BaseException as error:  # re-raised in the main thread
                 self.error = error
 
+    def _finish_unit(self, unit: int) -> None:
+        """The unit's last result is stored: commit its shard, then write its marker (last)."""
+        from merge_cli.output.store import write_unit_marker
+
+        names = self.writer.finish_unit(unit)
+        write_unit_marker(self.writer.out, unit, self.feed.marker(unit, names, **self.marker_extra))
+
     def _store(self, results: Iterable[Features | Failure]) -> None:
         for result in results:
+            unit = self.feed.unit_of(result.key)
             if isinstance(result, Failure):
-                self.writer.add_failure(result)
+                self.writer.add_failure(result, unit)
                 _record_failure(self.summary, result)
                 self.reporter.failed(result)
                 self.reporter.advance(failures=1)
             else:
-                self.writer.add(result)
+                self.writer.add(result, unit)
                 self.summary.written += 1
                 if result.processor_grid is not None and tuple(result.processor_grid) != tuple(result.grid_thw[1:]):
                     self.summary.made_even += 1
@@ -563,6 +524,8 @@ class _BackgroundWriter:
                 patch_tokens = result.grid_thw[0] * result.grid_thw[1] * result.grid_thw[2]
                 self.summary.patch_tokens += patch_tokens
                 self.reporter.advance(samples=1, tokens=patch_tokens)
+            if self.feed.stored(result):
+                self._finish_unit(unit)
 
 
 def _record_failure(summary: RunSummary, failure: Failure) -> None:
@@ -574,12 +537,12 @@ def _record_failure(summary: RunSummary, failure: Failure) -> None:
 def _extract_loop(
     config: ExtractConfig,
     media: MediaOptions,
-    samples: Sequence[Sample],
-    source_failures: Sequence[Failure],
+    feed: WorkFeed,
     extractor: FeatureExtractor,
     writer,
     reporter: Reporter,
     summary: RunSummary,
+    marker_extra: dict,
 ) -> None:
     def patch_tokens(item: Item) -> int:
         t, h, w = extractor.feature_grid(item)
@@ -587,8 +550,9 @@ def _extract_loop(
 
     loop_started = time.perf_counter()
     batcher = TokenBatcher(config.batch_tokens, patch_tokens, config.batching)
-    decoded = _decoded(samples, media, config.workers)  # workers fork before the writer thread starts
-    background = _BackgroundWriter(writer, summary, reporter)
+    decoded = _decoded(feed, media, config.workers)  # workers fork before the writer thread starts
+    background = _BackgroundWriter(writer, summary, reporter, feed, marker_extra)
+    feed.finish_empty = background.submit
     timings = summary.timings
 
     def run(batches) -> None:
@@ -599,11 +563,6 @@ def _extract_loop(
             background.submit(pending)
 
     try:
-        if source_failures:
-            background.submit(PendingOutput(list(source_failures)))
-            if config.strict:
-                summary.stopped_early = True
-                return
         while True:
             started = time.perf_counter()
             try:

@@ -47,6 +47,10 @@ class Reporter:
         self.total, self.started = total, time.perf_counter()
         self._synced = self.started
 
+    def set_total(self, total: int) -> None:
+        """The listing streams: the total grows as units are listed (final once it ends)."""
+        self.total = total
+
     def advance(self, samples: int = 0, tokens: int = 0, failures: int = 0) -> None:
         if self.job is None:
             self.samples += samples
@@ -89,7 +93,7 @@ class LogReporter(Reporter):
     def start(self, total: int, description: str = "extracting") -> None:
         super().start(total, description)
         self._last = time.perf_counter()
-        print(f"merge-cli: {description} {total} samples", file=sys.stderr, flush=True)
+        print(f"merge-cli: {description} (inputs are listed as the work goes)", file=sys.stderr, flush=True)
 
     def advance(self, samples: int = 0, tokens: int = 0, failures: int = 0) -> None:
         super().advance(samples, tokens, failures)
@@ -152,6 +156,11 @@ class RichReporter(Reporter):
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total, rate="0", errors=0)
+
+    def set_total(self, total: int) -> None:
+        super().set_total(total)
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
 
     def advance(self, samples: int = 0, tokens: int = 0, failures: int = 0) -> None:
         super().advance(samples, tokens, failures)
