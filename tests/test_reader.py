@@ -170,3 +170,68 @@ def test_dataset_pickles_without_a_handle_and_takes_a_key_subset(output):
         FeatureDataset(out, keys=["missing.jpg"])
     with pytest.raises(IndexError):
         dataset[len(keys)]
+
+
+def _assert_reads_like(records, out):
+    with FeatureFile(out) as feats:
+        assert len(feats) == len(records)
+        for key, record in records.items():
+            assert key in feats
+            sample = feats[key]
+            assert sample.key == key and sample.grid_thw == tuple(record.grid_thw)
+            assert torch.equal(bits(sample.tokens), bits(record.tokens))
+            assert feats[sample.index].key == key
+        for absent in ("media/none.jpg", "", "media/00.jpg ", "MEDIA/01.jpg"):
+            assert absent not in feats and feats.get(absent) is None
+
+
+def test_key_lookup_through_the_hash_table_across_blocks_and_collisions(output, monkeypatch):
+    import merge_cli.output.index as index
+    import merge_cli.output.reader as reader
+
+    out, records = output
+    monkeypatch.setattr(index, "KEY_BLOCK", 3)  # many blocks for 24 keys
+    build_index(out)
+    _assert_reads_like(records, out)
+    # A weak hash: most keys share a hash with others, runs of equal hashes cross blocks; the
+    # stored key decides.
+    weak = lambda key: len(key) % 2  # noqa: E731
+    monkeypatch.setattr(index, "key_hashes", lambda keys: np.array([weak(k) for k in keys], dtype=np.uint64))
+    monkeypatch.setattr(reader, "key_hash", weak)
+    build_index(out)
+    _assert_reads_like(records, out)
+
+
+def test_opening_an_index_reads_no_per_sample_data(output, monkeypatch):
+    import h5py
+
+    out, records = output
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def counting(self, selection):
+        reads.append((self.name, self.shape))
+        return original(self, selection)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    with FeatureFile(out) as feats:
+        assert len(feats) == len(records)
+        per_sample = [name for name, shape in reads if shape and shape[0] == len(records)]
+        assert per_sample == [], per_sample  # only the small shard list is read on open
+        feats["media/05.jpg"]
+        assert all(shape[0] <= len(records) for _, shape in reads)
+
+
+def test_a_version_1_index_is_refused_with_the_command_that_rebuilds_it(output):
+    import h5py
+
+    out, records = output
+    with h5py.File(out, "a") as handle:  # what merge-cli 0.x wrote: no key table
+        del handle["key_table"], handle["sample_table"]
+        handle.attrs["format_version"] = 1
+    with pytest.raises(FormatError) as error:
+        FeatureFile(out)
+    assert "format version 1" in str(error.value) and f"merge-cli index {out}" in str(error.value)
+    assert "\n" not in str(error.value)
+    build_index(out)
+    _assert_reads_like(records, out)

@@ -607,10 +607,29 @@ def _finish(out: Path, attrs: dict, dist: DistContext, summary: RunSummary, repo
     dist.barrier()
     if dist.connected:
         summary = merge_summaries([s for s in dist.gather(summary)])  # type: ignore[misc]
-    if dist.is_main or not dist.connected:  # ranks started by hand each index what exists so far
-        build_index(out, attrs=attrs)
+    if (dist.is_main or not dist.connected) and not _index_is_current(out, summary):
+        build_index(out, attrs=attrs)  # ranks started by hand each index what exists so far
     dist.barrier()
     return summary
+
+
+def _index_is_current(out: Path, summary: RunSummary) -> bool:
+    """A run that stored nothing over an index of every shard leaves it as it is: a resume with
+    nothing to do writes nothing (rebuilding reads every shard's tables)."""
+    from merge_cli.errors import FormatError
+    from merge_cli.output.format import list_shards, open_h5
+
+    if summary.written or summary.failed or not out.exists():
+        return False
+    try:
+        with open_h5(out) as handle:
+            indexed = int(handle.attrs.get("shard_count", -1))
+            version = int(handle.attrs.get("format_version", 0))
+    except (FormatError, TypeError, ValueError):
+        return False
+    from merge_cli.output.format import FORMAT_VERSION
+
+    return version == FORMAT_VERSION and indexed == len(list_shards(out))
 
 
 def merge_summaries(parts: Sequence[RunSummary]) -> RunSummary:
