@@ -110,7 +110,6 @@ def test_key_hash_set_agrees_with_a_dict(pairs, batch):
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         keys = np.array([k for k, _ in chunk], dtype=np.uint64)
-        paths = np.array([p for _, p in chunk], dtype=np.uint64)
         found, stored = hashes.lookup(keys)
         assert found.tolist() == [k in reference for k, _ in chunk]
         assert [int(s) for s, f in zip(stored, found) if f] == [reference[k] for k, _ in chunk if k in reference]
