@@ -218,8 +218,7 @@ def test_opening_an_index_reads_no_per_sample_data(output, monkeypatch):
         assert len(feats) == len(records)
         per_sample = [name for name, shape in reads if shape and shape[0] == len(records)]
         assert per_sample == [], per_sample  # only the small shard list is read on open
-        feats["media/05.jpg"]
-        assert all(shape[0] <= len(records) for _, shape in reads)
+        assert feats["media/05.jpg"].key == "media/05.jpg"
 
 
 def test_a_version_1_index_is_refused_with_the_command_that_rebuilds_it(output):
