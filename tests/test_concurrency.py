@@ -150,7 +150,7 @@ def test_temporaries_of_a_live_writer_survive_scans_and_overwrite(tmp_path):
         "from merge_cli.output import locks; from merge_cli.output.store import ShardWriter; "
         f"lock = locks.acquire(locks.rank_lock_path({str(out)!r}, 1), 'x'); "
         f"w = ShardWriter({str(out)!r}, attrs(), rank=1); w.add(features('open.jpg')); "
-        "print(w._shard.tmp, flush=True); time.sleep(60)"
+        "print(w._shards[-1].tmp, flush=True); time.sleep(60)"
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).parent.parent)
