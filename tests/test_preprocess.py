@@ -28,9 +28,10 @@ def test_check_grid_and_extract_never_disagree(cli, tmp_path, size):
     height, width = (int(v) for v in size.split("x"))
     media = tmp_path / "media"
     make_image(media / "a.png", height, width)
-    for args in ([size], ["--tower", "demo", size], ["--tower", "demo", str(media / "a.png")]):
+    for number, args in enumerate(([size], ["--tower", "demo", size], ["--tower", "demo", str(media / "a.png")])):
         report = json.loads(cli("check-grid", *args, "--json").stdout)
-        result = cli("extract", "--input", str(media), "--out", str(tmp_path / f"{len(args)}.h5"), *CPU, "--json")
+        out = tmp_path / f"{number}.h5"  # a fresh output each time: a resume keeps an error record
+        result = cli("extract", "--input", str(media), "--out", str(out), *CPU, "--json")
         summary = json.loads(result.stdout)
         refused = report["resized"] is None
         assert (summary["failed"] == 1) == refused, (args, report, summary)
@@ -40,7 +41,7 @@ def test_check_grid_and_extract_never_disagree(cli, tmp_path, size):
         else:
             from merge_cli.output.reader import open_features
 
-            with open_features(tmp_path / f"{len(args)}.h5") as features:
+            with open_features(out) as features:
                 assert list(features["a.png"].resized_hw) == report["resized"]["size"]
 
 
