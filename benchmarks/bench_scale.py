@@ -261,6 +261,7 @@ ROWS = [
     ("resume run with nothing to do (lists every input)", "resume_run_s", "{:.1f} s"),
     ("  its peak RSS", "resume_run_mb", "{:.0f} MB"),
     ("build_index of the finished output", "index_build_s", "{:.1f} s"),
+    ("  index file size per sample", "index_bytes_per_sample", "{:.0f} B"),
 ]
 FLAT = {"first_shard_s", "main_peak_mb", "worker_peak_mb", "open_s", "open_mb", "dataset_worker_mb", "index_us", "get_us"}
 """The figures the issue wants within 1.5x from 10k to 1M."""
@@ -304,7 +305,7 @@ def main() -> None:
         farm = make_farm(n, pool)
         figures = first_shard(n, farm)
         out, index_seconds = finished_output(n, farm)
-        figures.update(probe(out, n), index_build_s=index_seconds)
+        figures.update(probe(out, n), index_build_s=index_seconds, index_bytes_per_sample=out.stat().st_size / n)
         figures["units_shards"] = f"{figures.pop('units')} / {figures.pop('shards')}"
         figures.update(resume_run(out, farm))
         results[n] = figures

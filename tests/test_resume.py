@@ -137,3 +137,23 @@ def test_kill_9_at_random_points_then_resume_equals_a_clean_run(tmp_path):
             with open_features(shards / name) as shard:
                 assert shard.attrs["unit"] == unit and set(shard.keys()) <= units[unit]
     assert listed_shards == {p.name for p in store.list_shards(killed)}  # no shard outside a marker
+
+
+def test_a_unit_whose_samples_are_all_stored_but_unmarked_gets_its_marker_and_no_shard(cli, tmp_path):
+    root = _corpus(tmp_path / "media", 9)
+    out = tmp_path / "feats.h5"
+    # One decode worker: the DataLoader walks the first units before the writer exists.
+    args = ["extract", "--input", str(root), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
+            "--workers", "1", "--unit-size", "3"]
+    assert cli(*args).exit_code == 0
+    markers = _markers(out)
+    for unit in (0, 2):  # killed after the shards, before the markers
+        (out.parent / "feats.h5.d" / store.unit_marker_name(unit)).unlink()
+    shards = sorted(p.name for p in store.list_shards(out))
+    result = cli(*args, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["written"] == 0
+    assert sorted(p.name for p in store.list_shards(out)) == shards
+    again = _markers(out)
+    assert {u: (m["fingerprint"], m["shards"], m["samples"]) for u, m in again.items()} == {
+        u: (m["fingerprint"], m["shards"], m["samples"]) for u, m in markers.items()
+    }

@@ -211,6 +211,15 @@ def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> N
     group.create_dataset("row", data=order.astype(np.int64), chunks=block)
     group.create_dataset("fence", data=sorted_hashes[::KEY_BLOCK])
     group.attrs["block"] = KEY_BLOCK
+    # The keys again as one UTF-8 blob with offsets (row order): one key reads in two small
+    # fixed-size reads, where one element of the variable-length `keys` costs a heap read.
+    encoded = [key.encode("utf-8") for key in columns["keys"]]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    if n:
+        offsets[1:] = np.cumsum([len(b) for b in encoded])
+    text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    group.create_dataset("text", data=text, chunks=(min(len(text), 1 << 16),) if len(text) else None)
+    group.create_dataset("text_offsets", data=offsets, chunks=(min(n + 1, KEY_BLOCK),))
 
     kinds = sorted({k.decode() for k in np.unique(columns["kind"])}) if n else []
     decoders = sorted({d.decode() for d in np.unique(columns["decoder"])}) if n else []

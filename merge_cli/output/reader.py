@@ -143,7 +143,7 @@ class _IndexTable:
     the stored key; a sample's numbers come from one row of `sample_table`."""
 
     def __init__(self, handle: h5py.File, path: Path, version: object) -> None:
-        if "key_table" not in handle or "sample_table" not in handle:
+        if "key_table/text" not in handle or "sample_table" not in handle:
             raise FormatError(
                 f"{path}: an index of format version {version} (no key table); rebuild it with `merge-cli index {path}`"
             )
@@ -153,6 +153,8 @@ class _IndexTable:
         self._table = handle["sample_table"]
         self._hash = handle["key_table/hash"]
         self._rows = handle["key_table/row"]
+        self._text = handle["key_table/text"]
+        self._text_offsets = handle["key_table/text_offsets"]
         self._block = int(handle["key_table"].attrs.get("block", 4096))
         self._fence: np.ndarray | None = None
         names = json.loads(plain_value(self._table.attrs["columns"]))
@@ -183,7 +185,8 @@ class _IndexTable:
         return None
 
     def key(self, row: int) -> str:
-        return self._keys[row]
+        start, stop = self._text_offsets[row : row + 2]
+        return self._text[start:stop].tobytes().decode("utf-8")
 
     def keys(self) -> list[str]:
         return self._keys[()].tolist() if self.n else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 from typing import NamedTuple
 
 from merge_cli.inputs.units import Entry, Unit
@@ -139,8 +140,9 @@ class WorkFeed:
         self.units_done: list[int] = []
         self._in_flight: dict[int, _InFlight] = {}
         self._unit_of: dict[str, int] = {}
-        self.finish_empty: Callable[[int], None] = lambda unit: None
-        """Set by the writer side: a unit with nothing left to do still gets its marker."""
+        self.empty_units: SimpleQueue[int] = SimpleQueue()
+        """Units with nothing left to do: they still get their marker (the loop passes them on;
+        the DataLoader may iterate the sampler before the writer exists)."""
         self.exhausted = False
 
     def __iter__(self) -> Iterator[Todo]:
@@ -164,7 +166,7 @@ class WorkFeed:
                 continue
             self._in_flight[unit.id] = _InFlight(len(work.entries), work, len(unit.entries), unit.fingerprint)
             if not work.entries:
-                self.finish_empty(unit.id)
+                self.empty_units.put(unit.id)
                 continue
             for entry in work.entries:
                 self._unit_of[entry.key] = unit.id

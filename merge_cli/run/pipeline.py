@@ -552,7 +552,6 @@ def _extract_loop(
     batcher = TokenBatcher(config.batch_tokens, patch_tokens, config.batching)
     decoded = _decoded(feed, media, config.workers)  # workers fork before the writer thread starts
     background = _BackgroundWriter(writer, summary, reporter, feed, marker_extra)
-    feed.finish_empty = background.submit
     timings = summary.timings
 
     def run(batches) -> None:
@@ -562,13 +561,19 @@ def _extract_loop(
             timings.compute += time.perf_counter() - started
             background.submit(pending)
 
+    def finish_empty_units() -> None:
+        while not feed.empty_units.empty():
+            background.submit(feed.empty_units.get())
+
     try:
         while True:
             started = time.perf_counter()
             try:
                 result, decode_seconds = next(decoded)
             except StopIteration:
+                finish_empty_units()
                 break
+            finish_empty_units()
             timings.decode_wait += time.perf_counter() - started
             timings.decode_cpu += decode_seconds
             if isinstance(result, Failure):
