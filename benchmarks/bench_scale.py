@@ -296,13 +296,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/README.md and README.md")
+    parser.add_argument("--from-log", type=Path, help="make the table from the stderr of an earlier run instead of measuring")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    pool = make_pool()
     results: dict[int, dict] = {}
-    for n in args.sizes:
+    if args.from_log:  # the per-size lines this script prints on stderr
+        for line in args.from_log.read_text().splitlines():
+            if " inputs: {" in line:
+                size, rest = line.split(" inputs: ", 1)
+                results[int(size.replace(",", ""))] = json.loads(rest[: rest.rindex("}") + 1])
+        args.sizes = sorted(results)
+    pool = make_pool() if not args.from_log else None
+    for n in args.sizes if not args.from_log else []:
         started = time.perf_counter()
-        farm = make_farm(n, pool)
+        farm = make_farm(n, pool)  # type: ignore[arg-type]
         figures = first_shard(n, farm)
         out, index_seconds = finished_output(n, farm)
         figures.update(probe(out, n), index_build_s=index_seconds, index_bytes_per_sample=out.stat().st_size / n)

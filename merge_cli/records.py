@@ -5,6 +5,7 @@ sources -> Sample -> media -> Item | Failure -> tower + merger -> Features | Fai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -19,7 +20,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi"})
 
 def media_kind(path: Path | str) -> MediaKind | None:
     """`image`, `video`, or None for an extension merge-cli does not read."""
-    suffix = Path(path).suffix.lower()
+    suffix = os.path.splitext(os.fspath(path))[1].lower()  # Path(path).suffix, without parsing a Path
     if suffix in IMAGE_EXTENSIONS:
         return "image"
     if suffix in VIDEO_EXTENSIONS:

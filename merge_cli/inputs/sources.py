@@ -165,12 +165,12 @@ class _Lister:
 
     def kind_of(self, path: Path) -> MediaKind | None:
         kind = media_kind(path)
-        if kind == "image" and self.gif_as_video and path.suffix.lower() == ".gif":
+        if kind == "image" and self.gif_as_video and os.fspath(path).lower().endswith(".gif"):
             return "video"
         return kind  # type: ignore[return-value]
 
-    def entry(self, path: Path, root: Path, origin: str) -> Listed:
-        key = key_for(path, root)
+    def entry(self, path: Path, root: Path, origin: str, key: str | None = None) -> Listed:
+        key = key_for(path, root) if key is None else key
         kind = self.kind_of(path)
         if kind is None:
             reason = f"{path.suffix or 'no extension'}: not a recognized image or video extension ({origin})"
@@ -178,13 +178,16 @@ class _Lister:
         return Listed(Sample(key, path, kind), path, origin)
 
     def folder(self, folder: Path, root: Path, origin: str) -> Iterator[Listed]:
-        for path, failure in _walk(folder, root):
+        # Keys by string concatenation (what key_for gives for a path under `folder`): building
+        # and relating Path objects was most of the listing's time at millions of files.
+        prefix = "" if folder == root else key_for(folder, root) + "/"
+        for path, relative, failure in _walk(folder, root):
             if failure is not None:
                 yield Listed(failure, path, origin)
-            elif media_kind(path) is None:
+            elif media_kind(relative) is None:
                 self.stats.ignored += 1
             else:
-                yield self.entry(path, root, origin)
+                yield self.entry(path, root, origin, prefix + escape_text(relative))
 
     def manifest(self, manifest: Path, root: Path) -> Iterator[Listed]:
         for location, text in _manifest_entries(manifest):
@@ -193,12 +196,14 @@ class _Lister:
             yield self.entry(_absolute(root / text), root, location)
 
 
-def _walk(folder: Path, root: Path) -> Iterator[tuple[Path, Failure | None]]:
+def _walk(folder: Path, root: Path) -> Iterator[tuple[Path, str, Failure | None]]:
     """Every non-directory entry under `folder` (symlinks followed, loops skipped), depth first, in
     the order of their keys (a folder sorts as its name plus '/'), with a Failure for a subfolder
     that cannot be listed. Only one folder's names are held at a time, per level of depth."""
 
-    def visit(directory: Path, ancestors: frozenset[tuple[int, int]]) -> Iterator[tuple[Path, Failure | None]]:
+    def visit(
+        directory: Path, relative: str, ancestors: frozenset[tuple[int, int]]
+    ) -> Iterator[tuple[Path, str, Failure | None]]:
         try:
             info = directory.stat()
             identity = (info.st_dev, info.st_ino)
@@ -216,17 +221,17 @@ def _walk(folder: Path, root: Path) -> Iterator[tuple[Path, Failure | None]]:
             message = f"cannot list folder {escape_text(str(directory))}: {error.strerror}"
             if directory == folder:
                 raise UsageError(message) from error
-            yield directory, Failure(key_for(directory, root), "source", type(error).__name__, message)
+            yield directory, relative, Failure(key_for(directory, root), "source", type(error).__name__, message)
             return
         names.sort()
         inner = ancestors | {identity}
         for name in names:
             if name.endswith("/"):
-                yield from visit(directory / name[:-1], inner)
+                yield from visit(directory / name[:-1], relative + name, inner)
             else:
-                yield directory / name, None
+                yield directory / name, relative + name, None
 
-    yield from visit(folder, frozenset())
+    yield from visit(folder, "", frozenset())
 
 
 def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
