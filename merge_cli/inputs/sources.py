@@ -13,6 +13,13 @@ A sample's key is its path relative to the root it was found under, with POSIX s
     absolute path for a file outside it
 so that a training job finds features under the same string its JSON uses.
 
+Containers (see webdataset.py and parquet.py): an `--input` may also be a WebDataset `.tar`
+shard, a `.parquet` file, a folder holding them, or a glob / brace range of them
+(`'shards/{00000..00099}.tar'`, `'data/*.parquet'`). Their samples are keyed by the tar's
+`__key__` or the Parquet key column, not by a path. A container sample whose key is already
+taken (keys colliding across shards, two rows with one id) becomes an error record keyed by
+where it is (`00001.tar:000123.jpg`, `train.parquet:row 17`); the first keeps the key.
+
 Nothing here opens a media file: a missing file named by a manifest becomes a sample whose decoding
 fails with an error record, as do broken links and directories named like media.
 """
@@ -26,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from merge_cli.errors import UsageError
+from merge_cli.inputs import parquet, webdataset
+from merge_cli.inputs.parquet import ParquetColumns
 from merge_cli.records import Failure, MediaKind, Sample, escape_text, media_kind
 
 MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".json"})
@@ -40,7 +49,8 @@ class SampleSet:
     failures: list[Failure]
     """Inputs that fail before decoding (an unknown extension in a manifest), stage `source`."""
     ignored: int
-    """Files in scanned folders with extensions merge-cli does not read."""
+    """Files in scanned folders with extensions merge-cli does not read, tar samples and
+    Parquet rows without media."""
 
 
 def collect_samples(
@@ -48,35 +58,65 @@ def collect_samples(
     media_root: Path | None = None,
     *,
     gif_as_video: bool = False,
+    columns: ParquetColumns | None = None,
 ) -> SampleSet:
     """Every sample the inputs name, keyed and deduplicated, before any decoding.
 
-    Raises UsageError for a missing input, an unreadable or malformed manifest, and for two
-    different files that would get the same key (naming both and where they came from).
+    Raises UsageError for a missing input, an unreadable or malformed manifest, a Parquet schema
+    that does not fit the columns asked for, and for two different loose files that would get
+    the same key (naming both and where they came from).
     """
     root = None
     if media_root is not None:
         root = _absolute(media_root)
         if not root.is_dir():
             raise UsageError(f"--media-root {media_root}: not a directory")
-    collector = _Collector(gif_as_video)
+    collector = _Collector(gif_as_video, columns or ParquetColumns())
     for raw in inputs:
-        path = _absolute(raw)
-        if path.is_dir():
-            base = root if root is not None and _is_inside(path, root) else path
-            collector.add_folder(path, base, origin=f"--input {raw}")
-        elif not path.exists():
-            raise UsageError(f"--input {raw}: no such file or directory")
-        elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            collector.add_manifest(path, root if root is not None else path.parent)
-        elif media_kind(path) is not None:
-            base = root if root is not None and _is_inside(path, root) else path.parent
-            collector.add(path, base, origin=f"--input {raw}")
-        else:
-            raise UsageError(
-                f"--input {raw}: not a folder, an image or video file, or a manifest (.txt, .jsonl, .json)"
-            )
+        for given in _expanded(raw):
+            _collect_one(collector, given, root)
     return SampleSet(collector.samples, collector.failures, collector.ignored)
+
+
+def _expanded(raw: Path | str) -> list[Path | str]:
+    """An --input, or what its glob / brace range names when it is a pattern and not a file."""
+    text = os.fspath(raw)
+    if os.path.lexists(text) or not webdataset.is_pattern(text):
+        return [raw]
+    matches = webdataset.expand_pattern(text)
+    if not matches:
+        raise UsageError(f"--input {raw}: the pattern matches no file")
+    missing = [match for match in matches if not os.path.lexists(match)]
+    if missing:
+        raise UsageError(f"--input {raw}: {missing[0]} does not exist ({len(missing)} of {len(matches)} named files missing)")
+    return matches  # type: ignore[return-value]
+
+
+def _collect_one(collector: _Collector, raw: Path | str, root: Path | None) -> None:
+    path = _absolute(raw)
+    if path.is_dir():
+        base = root if root is not None and _is_inside(path, root) else path
+        collector.add_folder(path, base, origin=f"--input {raw}")
+    elif not path.exists():
+        raise UsageError(f"--input {raw}: no such file or directory")
+    elif _is_container(path):
+        base = root if root is not None and _is_inside(path, root) else path.parent
+        collector.add_container(path, key_for(path, base))
+    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        collector.add_manifest(path, root if root is not None else path.parent)
+    elif media_kind(path) is not None:
+        base = root if root is not None and _is_inside(path, root) else path.parent
+        collector.add(path, base, origin=f"--input {raw}")
+    else:
+        webdataset.refuse_compressed(raw)
+        raise UsageError(
+            f"--input {raw}: not a folder, an image or video file, a .tar shard, a .parquet file, "
+            "or a manifest (.txt, .jsonl, .json)"
+        )
+
+
+def _is_container(path: Path) -> bool:
+    return webdataset.is_tar(path) or parquet.is_parquet(path)
 
 
 def key_for(path: Path, root: Path) -> str:
@@ -100,11 +140,12 @@ def _is_inside(path: Path, root: Path) -> bool:
 @dataclass
 class _Collector:
     gif_as_video: bool
+    columns: ParquetColumns
     samples: list[Sample] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     ignored: int = 0
-    _seen: dict[str, tuple[Path, str]] = field(default_factory=dict)
-    """key -> (path, where it came from), for deduplication and the duplicate-key error."""
+    _seen: dict[str, tuple[Path | str, str]] = field(default_factory=dict)
+    """key -> (path or container location, where it came from), for deduplication."""
 
     def kind_of(self, path: Path) -> MediaKind | None:
         kind = media_kind(path)
@@ -112,7 +153,7 @@ class _Collector:
             return "video"
         return kind  # type: ignore[return-value]
 
-    def claim(self, key: str, path: Path, origin: str) -> bool:
+    def claim(self, key: str, path: Path | str, origin: str) -> bool:
         """Register `key` for `path`; False when this very file already has it (named twice)."""
         seen = self._seen.get(key)
         if seen is None:
@@ -124,6 +165,40 @@ class _Collector:
             f"two inputs map to the same key {key!r}: {escape_text(str(seen[0]))} (from {seen[1]}) "
             f"and {escape_text(str(path))} (from {origin}); give them different --input folders "
             "or a --media-root that tells them apart"
+        )
+
+    def add_container(self, path: Path, label: str) -> None:
+        """The samples of a tar shard or Parquet file; a taken key makes an error record, not a stop."""
+        if webdataset.is_tar(path):
+            found = webdataset.tar_samples(path, label, self.gif_as_video)
+        else:
+            found = parquet.parquet_samples(path, label, self.columns)
+        for item in found:
+            if item is None:
+                self.ignored += 1  # a sample or row without media
+            elif isinstance(item, Failure):
+                self.failures.append(item)
+            else:
+                self._add_member(item, label)
+
+    def _add_member(self, sample: Sample, label: str) -> None:
+        location = sample.location
+        seen = self._seen.get(sample.key)
+        if seen is None:
+            self._seen[sample.key] = (location, label)
+            self.samples.append(sample)
+            return
+        if seen[0] == location:
+            return  # the same shard named twice
+        where = _short_location(sample, label)
+        self.failures.append(
+            Failure(
+                where,
+                "source",
+                "DuplicateKey",
+                f"key {sample.key!r} of {where} is already taken by {escape_text(str(seen[0]))}; "
+                "this one is not extracted (give it another key or input)",
+            )
         )
 
     def add(self, path: Path, root: Path, origin: str) -> None:
@@ -146,18 +221,30 @@ class _Collector:
     def add_folder(self, folder: Path, root: Path, origin: str) -> None:
         found = []
         for path in _walk(folder, self.failures, root):
-            if media_kind(path) is None:
+            if media_kind(path) is None and not _is_container(path):
                 self.ignored += 1
             else:
                 found.append((key_for(path, root), path))
-        for _, path in sorted(found, key=lambda pair: pair[0]):
-            self.add(path, root, origin)
+        for key, path in sorted(found, key=lambda pair: pair[0]):
+            if _is_container(path):
+                self.add_container(path, key)
+            else:
+                self.add(path, root, origin)
 
     def add_manifest(self, manifest: Path, root: Path) -> None:
         for location, text in _manifest_entries(manifest):
             if not text:
                 raise UsageError(f"{location}: empty path")
             self.add(_absolute(root / text), root, location)
+
+
+def _short_location(sample: Sample, label: str) -> str:
+    """`00001.tar:000123.jpg` or `train.parquet:row 17`: a container sample as the user sees it."""
+    member = sample.member
+    if member is None:
+        return escape_text(label)
+    detail = escape_text(member.name) if hasattr(member, "name") else f"row {member.file_row}"  # type: ignore[union-attr]
+    return f"{escape_text(label)}:{detail}"
 
 
 def _walk(folder: Path, failures: list[Failure], root: Path) -> Iterator[Path]:

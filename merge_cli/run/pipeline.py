@@ -164,6 +164,7 @@ def claim_output(out: Path, dist: DistContext) -> list:
 def _run_claimed(
     config: ExtractConfig, reporter: Reporter, dist: DistContext, device: torch.device, started: float
 ) -> RunSummary:
+    from merge_cli.inputs.parquet import ParquetColumns
     from merge_cli.inputs.sources import collect_samples
     from merge_cli.output import store
     from merge_cli.output.index import build_index
@@ -186,6 +187,7 @@ def _run_claimed(
         [Path(p) for p in config.inputs],
         Path(config.media_root) if config.media_root else None,
         gif_as_video=config.gif_as_video,
+        columns=ParquetColumns(config.image_column, config.video_column, config.key_column),
     )
 
     if not sample_set.samples and not sample_set.failures:
