@@ -50,9 +50,14 @@ SHARD_OVERHEAD_BYTES = 16 * 1024
 SAMPLE_OVERHEAD_BYTES = 256
 """Reserve per sample for its rows in the per-sample tables (measured ~190 B with short keys)."""
 
-NUMERIC_COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "frame_offsets", "frame_lengths")
+NUMERIC_COLUMNS = (
+    "offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "processor_grid", "frame_offsets",
+    "frame_lengths",
+)
 SAMPLE_COLUMNS = ("keys", *NUMERIC_COLUMNS, "kind", "decoder")
 """Per-sample datasets (first axis = sample), in every shard and in the index."""
+OPTIONAL_COLUMNS = ("processor_grid",)
+"""Per-sample datasets files written before them lack; `processor_grid` then equals grid_thw[:, 1:]."""
 FRAME_COLUMNS = ("frame_indices", "frame_times")
 """Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
 

@@ -25,6 +25,7 @@ from merge_cli.output.format import (
     FRAME_COLUMNS,
     LIBVER,
     NUMPY_DTYPES,
+    OPTIONAL_COLUMNS,
     SAMPLE_COLUMNS,
     SHARD_ATTRS,
     STRING,
@@ -62,7 +63,10 @@ def read_shard(path: Path) -> _Shard:
             columns = {
                 name: object_array(read_strings(handle[name])) if name == "keys" else handle[name][()]
                 for name in SAMPLE_COLUMNS
+                if name not in OPTIONAL_COLUMNS or name in handle
             }
+            if "processor_grid" not in columns:  # a shard from before the column: the grid used
+                columns["processor_grid"] = columns["grid_thw"][:, 1:].astype(np.int32)
             for name in FRAME_COLUMNS:
                 columns[name] = handle[name][()]
             errors = [read_strings(handle["errors"][name]) for name in ERROR_FIELDS]
@@ -250,6 +254,7 @@ def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         "merged_hw": np.empty((0, 2), dtype=np.int32),
         "orig_hw": np.empty((0, 2), dtype=np.int32),
         "resized_hw": np.empty((0, 2), dtype=np.int32),
+        "processor_grid": np.empty((0, 2), dtype=np.int32),
         "frame_offsets": np.empty(0, dtype=np.int64),
         "frame_lengths": np.empty(0, dtype=np.int64),
         "frame_indices": np.empty(0, dtype=np.int64),

@@ -74,6 +74,9 @@ class FeatureSample:
     decoder: str
     index: int
     """Position of the sample in the file."""
+    processor_grid: tuple[int, int] | None = None
+    """Patch rows and columns the checkpoint's processor gave; differs from grid_thw[1:] only for a
+    grid made even (files from before this column: grid_thw[1:])."""
 
 
 class FeatureFile:
@@ -115,6 +118,9 @@ class FeatureFile:
             self._row = {key: i for i, key in zip(range(n - 1, -1, -1), reversed(self._keys))}
             self.duplicate_keys = n - len(self._row)
             self._columns = {name: handle[name][()] for name in COLUMNS}
+            self._columns["processor_grid"] = (
+                handle["processor_grid"][()] if "processor_grid" in handle else self._columns["grid_thw"][:, 1:]
+            )
             if self.role == "index":
                 self._columns["shard"] = handle["shard"][()]
                 self._columns["shard_offsets"] = handle["shard_offsets"][()]
@@ -138,7 +144,7 @@ class FeatureFile:
 
     def column(self, name: str) -> np.ndarray:
         """A per-sample table held in memory: offsets, lengths, grid_thw, merged_hw, orig_hw,
-        resized_hw, kind, decoder, frame_offsets, frame_lengths, shard, shard_offsets."""
+        resized_hw, processor_grid, kind, decoder, frame_offsets, frame_lengths, shard, shard_offsets."""
         return self._columns[name]
 
     # -- mapping interface --------------------------------------------------------------------
@@ -215,6 +221,7 @@ class FeatureFile:
             frame_times=frame_times,
             decoder=cols["decoder"][row].decode(),
             index=row,
+            processor_grid=(int(cols["processor_grid"][row][0]), int(cols["processor_grid"][row][1])),
         )
 
     def read_rows(self, row: int) -> np.ndarray:
