@@ -295,7 +295,8 @@ def extract_command(
         typer.Option(
             "--input",
             "-i",
-            help="A folder (scanned recursively), a media file, or a .txt/.jsonl/LLaVA .json manifest. Repeatable.",
+            help="A folder (scanned recursively), a media file, a .txt/.jsonl/LLaVA .json manifest, a WebDataset "
+            ".tar shard or a .parquet file; globs and brace ranges ('shards/{00000..00099}.tar') too. Repeatable.",
             rich_help_panel=_INPUTS,
             show_default=False,
         ),
@@ -314,6 +315,22 @@ def extract_command(
         Optional[str],
         typer.Option(
             help="Root for relative manifest paths and for keys.", rich_help_panel=_INPUTS, show_default=False
+        ),
+    ] = None,
+    image_column: Annotated[
+        Optional[str],
+        typer.Option(help="Parquet: the column of image bytes [default: image].", rich_help_panel=_INPUTS, show_default=False),
+    ] = None,
+    video_column: Annotated[
+        Optional[str],
+        typer.Option(help="Parquet: the column of video bytes [default: video].", rich_help_panel=_INPUTS, show_default=False),
+    ] = None,
+    key_column: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Parquet: the column whose value is each row's key [default: id when present, else FILE/ROW].",
+            rich_help_panel=_INPUTS,
+            show_default=False,
         ),
     ] = None,
     tower: Annotated[
@@ -578,6 +595,9 @@ def extract_command(
             inputs=tuple(inputs),
             out=out,
             media_root=media_root,
+            image_column=image_column,
+            video_column=video_column,
+            key_column=key_column,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             size=parse_hw(size) if size else None,

@@ -187,6 +187,12 @@ class ExtractConfig:
     """The output to write, e.g. feats.h5 (its shards live beside it)."""
     media_root: str | None = None
     """Root that manifest paths are relative to, and that keys are made relative to."""
+    image_column: str | None = None
+    """Parquet inputs: the column of image bytes [default: `image`]."""
+    video_column: str | None = None
+    """Parquet inputs: the column of video bytes [default: `video`]."""
+    key_column: str | None = None
+    """Parquet inputs: the column that names each row [default: `id` when present, else FILE/ROW]."""
     min_pixels: int | None = None
     """Resize floor in pixels [default: 4 * factor^2]; the factor comes from the tower's patch size."""
     max_pixels: int | None = None
@@ -253,6 +259,13 @@ class ExtractConfig:
             )
         if not self.inputs:
             raise UsageError("give at least one --input")
+        for option, value in (
+            ("--image-column", self.image_column),
+            ("--video-column", self.video_column),
+            ("--key-column", self.key_column),
+        ):
+            if value is not None and not value.strip():
+                raise UsageError(f"{option} must name a column; got an empty name")
         if self.output is not None and self.output not in OUTPUT_KINDS:
             raise UsageError(f"--output must be one of {', '.join(OUTPUT_KINDS)}; got {self.output!r}")
         for name, value in (("--dtype", self.dtype), ("--store-dtype", self.store_dtype)):

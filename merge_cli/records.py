@@ -44,14 +44,58 @@ def escape_text(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class TarMember:
+    """Where a sample's bytes lie inside a tar shard: read with one seek, never unpacked."""
+
+    name: str
+    """The member's path inside the tar (its extension says image or video)."""
+    offset: int
+    """Byte offset of the member's data in the tar file."""
+    size: int
+
+
+@dataclass(frozen=True)
+class ParquetCell:
+    """Where a sample's bytes lie inside a Parquet file: one value of one row."""
+
+    row_group: int
+    row: int
+    """Row number within the row group."""
+    file_row: int
+    """Row number within the file (for messages and keys)."""
+    column: str
+    """A binary column, or a struct column holding {bytes, path} (Hugging Face `datasets` Image)."""
+
+
+@dataclass(frozen=True)
 class Sample:
     """One input to extract: where it is and the key its features are stored under."""
 
     key: str
-    """Stable key: path relative to the scanned folder or --media-root, POSIX separators."""
+    """Stable key: path relative to the scanned folder or --media-root, POSIX separators; a tar
+    sample's WebDataset `__key__`; a Parquet row's key column."""
     path: Path
-    """Where the file is on disk (absolute)."""
+    """Where the file is on disk (absolute): the media file, or the tar / Parquet file holding it."""
     kind: MediaKind
+    member: TarMember | ParquetCell | None = None
+    """For media inside a container: where in `path` its bytes are; None for a file of its own."""
+
+    @property
+    def suffix(self) -> str:
+        """The media's extension, lowercase (`.jpg`); empty for a Parquet value, which has none."""
+        if isinstance(self.member, ParquetCell):
+            return ""
+        name = self.member.name if isinstance(self.member, TarMember) else self.path.name
+        return Path(name).suffix.lower()
+
+    @property
+    def location(self) -> str:
+        """Where the sample is: the path, `shard.tar:member` or `file.parquet:row N:column`."""
+        if isinstance(self.member, TarMember):
+            return f"{self.path}:{self.member.name}"
+        if isinstance(self.member, ParquetCell):
+            return f"{self.path}:row {self.member.file_row}:{self.member.column}"
+        return str(self.path)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def render_extract_summary(summary: dict, console: Console) -> None:
     table.add_row(
         "preprocess",
         f"{summary.get('preprocess', 'native')}"
-        + (f", {made_even:,} {'grid' if made_even == 1 else 'grids'} made even (both grids stored)" if made_even else ""),
+        + (f", {plural(made_even, 'grid')} made even (both grids stored)" if made_even else ""),
     )
     console.print(table)
     if summary["failures"]:
@@ -211,6 +211,12 @@ def render_inspect(report: dict, console: Console) -> None:
         f"{plural(counts['videos'], 'video')}, {plural(counts['frames'], 'frame')})  "
         f"[bold]tokens[/] {counts['tokens']:,}  [bold]errors[/] {counts['errors']:,}"
     )
+    attrs = report.get("attrs", {})
+    made_even = counts.get("made_even", 0)
+    console.print(
+        f"[bold]preprocess[/] {attrs.get('preprocess', 'native (before --preprocess)')}"
+        + (f", {plural(made_even, 'grid')} made even (processor_grid differs from grid_thw)" if made_even else "")
+    )
 
     if report["grids"]:
         table = Table(title="most common grids", title_justify="left")
@@ -280,6 +286,8 @@ def render_sample(sample: dict, console: Console) -> None:
     table.add_row("tokens", f"{tuple(sample['shape'])} {sample['dtype']}")
     table.add_row("original size", f"{_hw(sample['orig_hw'])} (HxW)")
     table.add_row("resized to", f"{_hw(sample['resized_hw'])} (HxW)")
+    if sample.get("processor_grid") and list(sample["processor_grid"]) != list(sample["grid_thw"][1:]):
+        table.add_row("processor grid", f"{_hw(sample['processor_grid'])}, made even to {_hw(sample['grid_thw'][1:])}")
     table.add_row("decoder", sample["decoder"])
     if sample["frame_indices"]:
         times = ", ".join(f"{x:.2f}" for x in sample["frame_times"])

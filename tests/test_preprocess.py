@@ -129,3 +129,60 @@ def test_temporal_positions_are_stored_and_change_video_features(cli, tmp_path):
     # A resume with other preprocessing is refused.
     result = cli("extract", "--input", str(media), "--out", str(tmp_path / "index.h5"), *CPU, "--temporal-positions", "spread")
     assert result.exit_code == 1 and "other settings" in result.stderr
+
+
+def _features(key, grid, processor_grid):
+    from merge_cli.records import Features
+
+    t, h, w = grid
+    return Features(
+        key, "image", torch.randn(t, h * w // 4, 8), grid, (h * 14, w * 14), (h * 14, w * 14), "pillow",
+        processor_grid=processor_grid,
+    )
+
+
+def test_both_grids_are_stored_counted_and_read_from_older_files(cli, tmp_path):
+    import h5py
+
+    from merge_cli.output.index import build_index
+    from merge_cli.output.reader import open_features
+    from merge_cli.output.store import ShardWriter
+
+    out = tmp_path / "feats.h5"
+    attrs = {"merge_size": 2, "config_hash": "x", "preprocess": "checkpoint"}
+    with ShardWriter(out, attrs, store_dtype="fp32") as writer:
+        writer.add(_features("odd.png", (1, 28, 28), (27, 27)))
+        writer.add(_features("even.png", (1, 4, 6), None))  # unknown: the grid used
+    build_index(out, attrs=attrs)
+    with open_features(out) as features:
+        assert features["odd.png"].processor_grid == (27, 27) and features["odd.png"].grid_thw == (1, 28, 28)
+        assert features["even.png"].processor_grid == (4, 6)
+    report = json.loads(cli("inspect", str(out), "--json").stdout)
+    assert report["counts"]["made_even"] == 1 and report["attrs"]["preprocess"] == "checkpoint"
+    assert "1 grid made even" in cli("inspect", str(out)).stdout
+    sample = json.loads(cli("inspect", str(out), "--key", "odd.png", "--json").stdout)
+    assert sample["processor_grid"] == [27, 27]
+    # A shard written before the column: processor_grid reads as the grid used.
+    shard = next((tmp_path / "feats.h5.d").glob("*.h5"))
+    with h5py.File(shard, "a") as handle:
+        del handle["processor_grid"]
+    build_index(out, attrs=attrs)
+    with open_features(out) as features, open_features(shard) as alone:
+        for opened in (features, alone):
+            assert opened["odd.png"].processor_grid == (28, 28)
+
+
+def test_video_preprocessor_config_sets_qwen_video_rules(tmp_path):
+    from merge_cli.media.processor import video_defaults
+
+    folder = checkpoint(tmp_path / "q", "qwen2_vl", {"min_pixels": 3136, "max_pixels": 1003520}, vision_config={"patch_size": 14})
+    vision = read_checkpoint_vision(str(folder))
+    rules = video_defaults(vision, "checkpoint", 28)
+    assert (rules["rule"], rules["fps"], rules["min_frames"], rules["max_frames"], rules["frame_multiple"]) == ("qwen", 2.0, 4, 768, 2)
+    assert (rules["min_pixels"], rules["max_pixels"], rules["total_pixels"]) == (128 * 784, 768 * 784, int(128000 * 784 * 0.9))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 3136, "longest_edge": 50176}, "fps": 1.0, "max_frames": 64, "resample": 2}
+    ))
+    rules = video_defaults(read_checkpoint_vision(str(folder)), "checkpoint", 28)
+    assert (rules["fps"], rules["max_frames"], rules["min_pixels"], rules["max_pixels"], rules["resample"]) == (1.0, 64, 3136, 50176, "bilinear")
+    assert video_defaults(vision, "native", 28)["rule"] == "native"

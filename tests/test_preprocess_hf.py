@@ -72,7 +72,7 @@ def compare(out, expected: dict):
         for key, (processor_grid, grid, want) in expected.items():
             sample = features[key]
             assert tuple(sample.grid_thw[1:]) == grid, key
-            assert getattr(sample, "processor_grid", processor_grid) == processor_grid, key
+            assert sample.processor_grid == processor_grid, key
             assert sample.tokens.shape == want.shape, key
             error = relative_error(sample.tokens, want)
             assert error <= MAX_RELATIVE_ERROR, f"{key}: relative error {error:.2e}"

@@ -85,7 +85,7 @@ def test_missing_input_is_a_usage_error(tmp_path):
 
 
 def test_unknown_single_file_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="not a folder, an image or video file, or a manifest"):
+    with pytest.raises(UsageError, match="not a folder, an image or video file, a .tar shard, a .parquet file, or a manifest"):
         collect_samples([touch(tmp_path / "a.docx")])
 
 

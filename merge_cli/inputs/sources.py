@@ -13,6 +13,13 @@ A sample's key is its path relative to the root it was found under, with POSIX s
     absolute path for a file outside it
 so that a training job finds features under the same string its JSON uses.
 
+Containers (see webdataset.py and parquet.py): an `--input` may also be a WebDataset `.tar`
+shard, a `.parquet` file, a folder holding them, or a glob / brace range of them
+(`'shards/{00000..00099}.tar'`, `'data/*.parquet'`). Their samples are keyed by the tar's
+`__key__` or the Parquet key column, not by a path. A container sample whose key is already
+taken (keys colliding across shards, two rows with one id) becomes an error record keyed by
+where it is (`00001.tar:000123.jpg`, `train.parquet:row 17`); the first keeps the key.
+
 Nothing here opens a media file: a missing file named by a manifest becomes a sample whose decoding
 fails with an error record, as do broken links and directories named like media.
 """
@@ -26,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from merge_cli.errors import UsageError
-from merge_cli.inputs.units import Listed, Unit
+from merge_cli.inputs import parquet, webdataset
+from merge_cli.inputs.parquet import ParquetColumns
+from merge_cli.inputs.units import Listed, Unit, WholeUnit
 from merge_cli.records import Failure, MediaKind, Sample, escape_text, media_kind
 
 MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".json"})
@@ -41,7 +50,8 @@ class SampleSet:
     failures: list[Failure]
     """Inputs that fail before decoding (an unknown extension in a manifest), stage `source`."""
     ignored: int
-    """Files in scanned folders with extensions merge-cli does not read."""
+    """Files in scanned folders with extensions merge-cli does not read, tar samples and
+    Parquet rows without media."""
 
 
 @dataclass
@@ -57,6 +67,7 @@ def collect_samples(
     media_root: Path | None = None,
     *,
     gif_as_video: bool = False,
+    columns: ParquetColumns | None = None,
 ) -> SampleSet:
     """Every sample the inputs name, keyed and deduplicated, held in memory: for small input sets
     and tests. `merge-cli extract` streams the same listing as units (`stream_units`).
@@ -69,7 +80,7 @@ def collect_samples(
     stats = ListingStats()
     samples: list[Sample] = []
     failures: list[Failure] = []
-    listing = make_listing(inputs, media_root, gif_as_video=gif_as_video, stats=stats)
+    listing = make_listing(inputs, media_root, gif_as_video=gif_as_video, stats=stats, columns=columns)
     for unit in iter_units(listing, unit_size=1 << 62):
         for entry in unit.entries:
             (samples if isinstance(entry, Sample) else failures).append(entry)  # type: ignore[arg-type]
@@ -83,12 +94,15 @@ def stream_units(
     unit_size: int,
     gif_as_video: bool = False,
     stats: ListingStats | None = None,
+    columns: ParquetColumns | None = None,
 ) -> Iterator[Unit]:
     """The inputs as a stream of work units (see merge_cli/inputs/units.py), never held whole.
     Input paths are checked before the first unit; a manifest is read as the stream reaches it."""
     from merge_cli.inputs.units import iter_units
 
-    listing = make_listing(inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats())
+    listing = make_listing(
+        inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats(), columns=columns
+    )
     return iter_units(listing, unit_size)
 
 
@@ -98,21 +112,27 @@ def make_listing(
     *,
     gif_as_video: bool,
     stats: ListingStats,
-) -> Callable[[], Iterator[Listed]]:
+    columns: ParquetColumns | None = None,
+) -> Callable[[], Iterator[Listed | WholeUnit]]:
     """Check the inputs now; return a function that starts the listing (again) from the top."""
     root = None
     if media_root is not None:
         root = _absolute(media_root)
         if not root.is_dir():
             raise UsageError(f"--media-root {media_root}: not a directory")
-    plan: list[tuple[str, Path, Path, str]] = []  # (how, path, root, origin)
-    for raw in inputs:
+    plan: list[tuple[str, Path, Path, str]] = []  # (how, path, root, origin or label)
+    for raw in (given for each in inputs for given in _expanded(each)):
         path = _absolute(raw)
         if path.is_dir():
             base = root if root is not None and _is_inside(path, root) else path
             plan.append(("folder", path, base, f"--input {raw}"))
         elif not path.exists():
             raise UsageError(f"--input {raw}: no such file or directory")
+        elif _is_container(path):
+            base = root if root is not None and _is_inside(path, root) else path.parent
+            plan.append(("container", path, base, key_for(path, base)))
+            if parquet.is_parquet(path):
+                parquet.check_schema(path, key_for(path, base), columns or ParquetColumns())
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
             if not os.access(path, os.R_OK):
                 raise UsageError(f"cannot read manifest {path}: Permission denied")
@@ -121,16 +141,20 @@ def make_listing(
             base = root if root is not None and _is_inside(path, root) else path.parent
             plan.append(("file", path, base, f"--input {raw}"))
         else:
+            webdataset.refuse_compressed(raw)
             raise UsageError(
-                f"--input {raw}: not a folder, an image or video file, or a manifest (.txt, .jsonl, .json)"
+                f"--input {raw}: not a folder, an image or video file, a .tar shard, a .parquet file, "
+                "or a manifest (.txt, .jsonl, .json)"
             )
     counted = [False]
 
-    def listing() -> Iterator[Listed]:
-        lister = _Lister(gif_as_video, stats if not counted[0] else ListingStats())
+    def listing() -> Iterator[Listed | WholeUnit]:
+        lister = _Lister(gif_as_video, columns or ParquetColumns(), stats if not counted[0] else ListingStats())
         for how, path, base, origin in plan:
             if how == "folder":
                 yield from lister.folder(path, base, origin)
+            elif how == "container":
+                yield lister.container(path, origin)
             elif how == "manifest":
                 yield from lister.manifest(path, base)
             else:
@@ -138,6 +162,24 @@ def make_listing(
         counted[0] = True  # a second walk (to explain a duplicate key) must not count again
 
     return listing
+
+
+def _expanded(raw: Path | str) -> list[Path | str]:
+    """An --input, or what its glob / brace range names when it is a pattern and not a file."""
+    text = os.fspath(raw)
+    if os.path.lexists(text) or not webdataset.is_pattern(text):
+        return [raw]
+    matches = webdataset.expand_pattern(text)
+    if not matches:
+        raise UsageError(f"--input {raw}: the pattern matches no file")
+    missing = [match for match in matches if not os.path.lexists(match)]
+    if missing:
+        raise UsageError(f"--input {raw}: {missing[0]} does not exist ({len(missing)} of {len(matches)} named files missing)")
+    return matches  # type: ignore[return-value]
+
+
+def _is_container(path: Path | str) -> bool:
+    return webdataset.is_tar(path) or parquet.is_parquet(path)
 
 
 def key_for(path: Path, root: Path) -> str:
@@ -161,6 +203,7 @@ def _is_inside(path: Path, root: Path) -> bool:
 @dataclass
 class _Lister:
     gif_as_video: bool
+    columns: ParquetColumns
     stats: ListingStats
 
     def kind_of(self, path: Path) -> MediaKind | None:
@@ -184,16 +227,45 @@ class _Lister:
         for path, relative, failure in _walk(folder, root):
             if failure is not None:
                 yield Listed(failure, path, origin)
+            elif _is_container(relative):
+                yield self.container(path, prefix + escape_text(relative))
             elif media_kind(relative) is None:
                 self.stats.ignored += 1
             else:
                 yield self.entry(path, root, origin, prefix + escape_text(relative))
+
+    def container(self, path: Path, label: str) -> WholeUnit:
+        """A tar shard or Parquet file is one unit of its own. Its members are identified by
+        their location (`shard.tar:member`), and a member whose key is taken becomes an error
+        record (DuplicateKey), not a stop."""
+        if webdataset.is_tar(path):
+            found = webdataset.tar_samples(path, label, self.gif_as_video)
+        else:
+            found = parquet.parquet_samples(path, label, self.columns)
+        members = []
+        for item in found:
+            if item is None:
+                self.stats.ignored += 1  # a sample or row without media
+            elif isinstance(item, Failure):
+                members.append(Listed(item, f"{label}\0{item.key}", label))
+            else:
+                members.append(Listed(item, item.location, label, _short_location(item, label)))
+        return WholeUnit(tuple(members))
 
     def manifest(self, manifest: Path, root: Path) -> Iterator[Listed]:
         for location, text in _manifest_entries(manifest):
             if not text:
                 raise UsageError(f"{location}: empty path")
             yield self.entry(_absolute(root / text), root, location)
+
+
+def _short_location(sample: Sample, label: str) -> str:
+    """`00001.tar:000123.jpg` or `train.parquet:row 17`: a container sample as the user sees it."""
+    member = sample.member
+    if member is None:
+        return escape_text(label)
+    detail = escape_text(member.name) if hasattr(member, "name") else f"row {member.file_row}"  # type: ignore[union-attr]
+    return f"{escape_text(label)}:{detail}"
 
 
 def _walk(folder: Path, root: Path) -> Iterator[tuple[Path, str, Failure | None]]:

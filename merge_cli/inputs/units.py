@@ -38,8 +38,12 @@ class Listed(NamedTuple):
     """One entry as the listing found it: the file it names and where it was named (for errors)."""
 
     entry: Entry
-    path: Path
+    path: Path | str
+    """What the entry is: a file, or a place inside a container (`shard.tar:member`)."""
     origin: str
+    duplicate_as: str | None = None
+    """For container members: a key already taken by another file makes an error record under
+    this name (DuplicateKey) instead of stopping the run."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,9 @@ def _deduplicate(listed: list[Listed] | tuple[Listed, ...], seen: KeyHashSet, li
     # Earlier units first, then earlier entries of this one.
     found, earlier_paths = seen.lookup(keys)
     keep &= ~found
+    replaced: dict[int, Listed] = {}
     for index in np.nonzero(found & (earlier_paths != paths))[0]:
-        _refuse_or_accept(listed[int(index)], listing, keep, int(index))
+        _refuse_or_accept(listed[int(index)], listing, keep, int(index), replaced)
     unique, first = np.unique(keys, return_index=True)
     if len(unique) != len(keys):
         firsts = first[np.searchsorted(unique, keys)]
@@ -131,23 +136,34 @@ def _deduplicate(listed: list[Listed] | tuple[Listed, ...], seen: KeyHashSet, li
             if paths[index] == paths[firsts[index]]:
                 keep[index] = False
             else:
-                _refuse_or_accept(listed[int(index)], listing, keep, int(index))
+                _refuse_or_accept(listed[int(index)], listing, keep, int(index), replaced)
     new = keep & ~found
+    for index in replaced:
+        new[index] = False  # the key stays the first file's
     seen.add(keys[new], paths[new])
-    return [item for item, k in zip(listed, keep) if k]
+    return [replaced.get(i, item) for i, (item, k) in enumerate(zip(listed, keep)) if k]
 
 
-def _path_bytes(path: Path) -> bytes:
+def _path_bytes(path: Path | str) -> bytes:
     return os.fsencode(path)
 
 
-def _refuse_or_accept(item: Listed, listing: Listing, keep: np.ndarray, index: int) -> None:
+def _refuse_or_accept(item: Listed, listing: Listing, keep: np.ndarray, index: int, replaced: dict[int, Listed]) -> None:
     """A key hash seen before with another file. Walk the listing again (the run stops anyway, or
     this is a 1-in-10^4-at-100M event) to the first entry with this key: another file is a real
     clash (UsageError naming both); this very file means only the 64-bit hash was shared."""
     key = item.entry.key
     for earlier in _flatten(listing()):
         if earlier.entry.key == key:
+            if earlier.path != item.path and item.duplicate_as is not None:
+                where = item.duplicate_as
+                message = (
+                    f"key {key!r} of {where} is already taken by {escape_text(str(earlier.path))}; "
+                    "this one is not extracted (give it another key or input)"
+                )
+                keep[index] = True
+                replaced[index] = Listed(Failure(where, "source", "DuplicateKey", message), item.path, item.origin)
+                return
             if earlier.path != item.path:
                 raise UsageError(
                     f"two inputs map to the same key {key!r}: {escape_text(str(earlier.path))} "

@@ -1,4 +1,8 @@
-"""Decode and resize one sample: a path on disk -> uint8 pixels on a patch-aligned even grid.
+"""Decode and resize one sample: a file (or bytes in a container) -> uint8 pixels on a patch-aligned even grid.
+
+Media inside a tar shard or a Parquet file is decoded from memory: its bytes are read in place
+(one seek into the tar, one cell of a row group) and handed to Pillow, decord or PyAV as a
+buffer, never written to disk.
 
 `decode_sample` never raises for bad input: whatever a file does wrong becomes a `Failure`
 (key, stage, error type, message), and the run goes on. Stages:
@@ -15,6 +19,7 @@ Pixels stay uint8 here (4x less to move from DataLoader workers to the GPU than 
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -34,7 +39,15 @@ from merge_cli.media.probe import (
     probe_video,
     transposes,
 )
-from merge_cli.records import IMAGE_EXTENSIONS, Failure, Item, Sample, escape_text
+from merge_cli.records import (
+    IMAGE_EXTENSIONS,
+    Failure,
+    Item,
+    ParquetCell,
+    Sample,
+    TarMember,
+    escape_text,
+)
 
 # Pillow modes holding 16-bit samples; Pillow's own convert("RGB") clips them at 255 instead of scaling.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -48,7 +61,7 @@ def decode_sample(sample: Sample, options: MediaOptions) -> Item | Failure:
     try:
         if sample.kind == "image":
             return _decode_image(sample, options)
-        if sample.path.suffix.lower() in IMAGE_EXTENSIONS:  # an animated GIF read as video
+        if sample.suffix in IMAGE_EXTENSIONS:  # an animated GIF read as video
             return _decode_animation(sample, options)
         return _decode_video(sample, options)
     except MediaError as error:
@@ -66,10 +79,9 @@ def plan_sample(sample: Sample, options: MediaOptions) -> tuple[int, int, int]:
     """
     from PIL import Image
 
-    path = sample.path
-    _check_file(path)
-    if sample.kind == "image" or path.suffix.lower() in IMAGE_EXTENSIONS:
-        with pillow_limit_lifted(), _stage("open"), Image.open(path) as image:
+    source = media_source(sample)
+    if sample.kind == "image" or sample.suffix in IMAGE_EXTENSIONS:
+        with pillow_limit_lifted(), _stage("open"), Image.open(_readable(source)) as image:
             _check_pixel_limit(image.size, options.max_image_pixels)
             height, width = _displayed_hw(image)
             if sample.kind == "image":
@@ -77,7 +89,7 @@ def plan_sample(sample: Sample, options: MediaOptions) -> tuple[int, int, int]:
             durations = _frame_durations(image)
         indices = _animation_indices(durations, options)
     else:
-        info = probe_video(path, stage="open")
+        info = probe_video(source, stage="open")
         height, width = info.height, info.width
         indices = video.sample_frame_indices(info.num_frames, info.fps or 0.0, options.video)
         if not indices:
@@ -155,17 +167,38 @@ def frame_resample(options: MediaOptions) -> str:
     return options.video.resample or options.policy.resample
 
 
+def media_source(sample: Sample) -> Path | bytes:
+    """What to decode: the checked path of a file, or the bytes of a container's member or cell."""
+    from merge_cli.inputs.parquet import read_cell
+    from merge_cli.inputs.webdataset import read_member
+
+    if isinstance(sample.member, TarMember):
+        return read_member(sample.path, sample.member)
+    if isinstance(sample.member, ParquetCell):
+        found = read_cell(sample.path, sample.member)
+        if isinstance(found, bytes):
+            return found
+        _check_file(found)  # a datasets Image struct that names a file instead of holding bytes
+        return found
+    _check_file(sample.path)
+    return sample.path
+
+
+def _readable(source: Path | bytes) -> Path | io.BytesIO:
+    """What Pillow opens: the path, or a buffer over the bytes (a fresh one per reader)."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 
 def _decode_image(sample: Sample, options: MediaOptions) -> Item:
     from PIL import Image, ImageOps
 
-    path = sample.path
-    _check_file(path)
+    source = media_source(sample)
     with pillow_limit_lifted():
         with _stage("open"):
-            image = Image.open(path)
+            image = Image.open(_readable(source))
         with image:
             _check_pixel_limit(image.size, options.max_image_pixels)
             header_hw = _displayed_hw(image)
@@ -217,11 +250,10 @@ def _decode_animation(sample: Sample, options: MediaOptions) -> Item:
     """An animated image (GIF) read as a video with Pillow; timestamps from the frame durations."""
     from PIL import Image
 
-    path = sample.path
-    _check_file(path)
+    source = media_source(sample)
     with pillow_limit_lifted():
         with _stage("open"):
-            image = Image.open(path)
+            image = Image.open(_readable(source))
         with image:
             _check_pixel_limit(image.size, options.max_image_pixels)
             with _stage("decode"):
@@ -274,13 +306,12 @@ def _animation_indices(durations: list[int], options: MediaOptions) -> list[int]
 
 def _decode_video(sample: Sample, options: MediaOptions) -> Item:
     """decord first, PyAV when decord cannot open or read the file; one reader, released after use."""
-    path = sample.path
-    _check_file(path)
-    promised = video.promised_frames(path)
+    media = media_source(sample)
+    promised = video.promised_frames(media)
     failures: list[video.DecoderError] = []
     for decoder in video.DECODERS:
         try:
-            with decoder(path) as source:
+            with decoder(media) as source:
                 return _read_clip(sample, source, promised, options)
         except video.DecoderError as error:
             failures.append(error)

@@ -99,11 +99,19 @@ def probe_image(path: Path, stage: str = "probe") -> MediaInfo:
     return MediaInfo("image", height, width)
 
 
-def probe_video(path: Path, stage: str = "probe") -> MediaInfo:
+def av_input(source: Path | str | bytes):
+    """What av.open reads: a path as text, or a fresh in-memory buffer over a container's bytes."""
+    import io
+
+    return io.BytesIO(source) if isinstance(source, bytes) else str(source)
+
+
+def probe_video(path: Path | bytes, stage: str = "probe") -> MediaInfo:
+    """A video's header; `path` may be the bytes of a tar member or a Parquet cell."""
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(av_input(path)) as container:
             if not container.streams.video:
                 raise MediaError(stage, "no video stream", "NoVideoStream")
             stream = container.streams.video[0]

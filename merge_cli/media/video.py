@@ -7,10 +7,14 @@ by their presentation timestamps. `images.py` resizes what they return.
 
 Frame timestamps are `index / fps` for both decoders, so that a record does not depend on which one
 read the file.
+
+A video inside a tar shard or a Parquet file arrives as bytes: decord and PyAV both read it from
+an in-memory buffer (a fresh one per reader).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -87,7 +91,7 @@ def frame_times(indices: Sequence[int], video_fps: float) -> list[float]:
     return [index / video_fps for index in indices]
 
 
-def promised_frames(path: Path) -> int | None:
+def promised_frames(path: Path | bytes) -> int | None:
     """How many frames the header says the video has, or None when it does not say.
 
     The stream's own frame count when the container keeps one (MP4, MOV, AVI); otherwise duration
@@ -96,10 +100,10 @@ def promised_frames(path: Path) -> int | None:
     """
     import av
 
-    from merge_cli.media.probe import header_frame_count
+    from merge_cli.media.probe import av_input, header_frame_count
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(av_input(path)) as container:
             if not container.streams.video:
                 return None
             stream = container.streams.video[0]
@@ -155,12 +159,13 @@ class DecordSource(VideoSource):
 
     name = "decord"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | bytes):
         try:
             import decord
 
             # str(path) fails for non-UTF-8 names (decord encodes it strictly): PyAV takes over.
-            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=DECORD_THREADS)
+            where = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+            self._reader = decord.VideoReader(where, ctx=decord.cpu(0), num_threads=DECORD_THREADS)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())
         except Exception as error:  # decord raises RuntimeError, DECORDError, UnicodeEncodeError, ...
@@ -190,11 +195,13 @@ class PyAVSource(VideoSource):
 
     name = "pyav"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | bytes):
         import av
 
+        from merge_cli.media.probe import av_input
+
         try:
-            self._container = av.open(str(path))
+            self._container = av.open(av_input(path))
         except Exception as error:
             raise DecoderError(self.name, "open", error) from error
         try:

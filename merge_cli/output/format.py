@@ -56,9 +56,14 @@ SHARD_OVERHEAD_BYTES = 16 * 1024
 SAMPLE_OVERHEAD_BYTES = 256
 """Reserve per sample for its rows in the per-sample tables (measured ~190 B with short keys)."""
 
-NUMERIC_COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "frame_offsets", "frame_lengths")
+NUMERIC_COLUMNS = (
+    "offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "processor_grid", "frame_offsets",
+    "frame_lengths",
+)
 SAMPLE_COLUMNS = ("keys", *NUMERIC_COLUMNS, "kind", "decoder")
 """Per-sample datasets (first axis = sample), in every shard and in the index."""
+OPTIONAL_COLUMNS = ("processor_grid",)
+"""Per-sample datasets files written before them lack; `processor_grid` then equals grid_thw[:, 1:]."""
 FRAME_COLUMNS = ("frame_indices", "frame_times")
 """Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
 
@@ -73,6 +78,7 @@ ERROR_FIELDS = ("key", "stage", "type", "message")
 TABLE_COLUMNS = (
     "offsets", "lengths", "grid_t", "grid_h", "grid_w", "merged_h", "merged_w", "orig_h", "orig_w",
     "resized_h", "resized_w", "frame_offsets", "frame_lengths", "shard", "shard_offsets", "kind", "decoder",
+    "processor_h", "processor_w",
 )
 """Columns of the index's `sample_table` (int64, one row per sample: what a reader needs about a
 sample in one read). `kind` and `decoder` are codes into the `kinds` / `decoders` attributes."""

@@ -29,6 +29,7 @@ from merge_cli.output.format import (
     LIBVER,
     NO_UNIT,
     NUMPY_DTYPES,
+    OPTIONAL_COLUMNS,
     SAMPLE_COLUMNS,
     SHARD_ATTRS,
     STRING,
@@ -67,7 +68,10 @@ def read_shard(path: Path) -> _Shard:
             columns = {
                 name: object_array(read_strings(handle[name])) if name == "keys" else handle[name][()]
                 for name in SAMPLE_COLUMNS
+                if name not in OPTIONAL_COLUMNS or name in handle
             }
+            if "processor_grid" not in columns:  # a shard from before the column: the grid used
+                columns["processor_grid"] = columns["grid_thw"][:, 1:].astype(np.int32)
             for name in FRAME_COLUMNS:
                 columns[name] = handle[name][()]
             errors = [read_strings(handle["errors"][name]) for name in ERROR_FIELDS]
@@ -241,6 +245,8 @@ def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> N
         "shard_offsets": columns["shard_offsets"],
         "kind": np.searchsorted(np.array(kinds, dtype="S"), columns["kind"]) if n else np.empty(0),
         "decoder": np.searchsorted(np.array(decoders, dtype="S"), columns["decoder"]) if n else np.empty(0),
+        "processor_h": columns["processor_grid"][:, 0],
+        "processor_w": columns["processor_grid"][:, 1],
     }
     table = np.stack([parts[name].astype(np.int64) for name in TABLE_COLUMNS], axis=1) if n else np.empty((0, len(TABLE_COLUMNS)), np.int64)
     dataset = handle.create_dataset("sample_table", data=table, chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None)
@@ -309,6 +315,7 @@ def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         "merged_hw": np.empty((0, 2), dtype=np.int32),
         "orig_hw": np.empty((0, 2), dtype=np.int32),
         "resized_hw": np.empty((0, 2), dtype=np.int32),
+        "processor_grid": np.empty((0, 2), dtype=np.int32),
         "frame_offsets": np.empty(0, dtype=np.int64),
         "frame_lengths": np.empty(0, dtype=np.int64),
         "frame_indices": np.empty(0, dtype=np.int64),

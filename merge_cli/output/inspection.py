@@ -106,6 +106,9 @@ def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
             "videos": int((kinds == b"video").sum()),
             "frames": int(features.column("frame_lengths").sum()),
             "errors": len(errors),
+            "made_even": int(
+                (features.column("processor_grid") != features.column("grid_thw")[:, 1:]).any(axis=1).sum()
+            ),
             "shards": len(shards),
             "shard_bytes": sum(s["bytes"] or 0 for s in shards),
         },
@@ -336,6 +339,7 @@ def _sample_report(features: FeatureFile, key: str) -> dict:
         "dtype": features.dtype_name,
         "orig_hw": list(sample.orig_hw),
         "resized_hw": list(sample.resized_hw),
+        "processor_grid": list(sample.processor_grid or sample.grid_thw[1:]),
         "decoder": sample.decoder,
         "frame_indices": sample.frame_indices,
         "frame_times": sample.frame_times,

@@ -79,6 +79,9 @@ class FeatureSample:
     decoder: str
     index: int
     """Position of the sample in the file."""
+    processor_grid: tuple[int, int] | None = None
+    """Patch rows and columns the checkpoint's processor gave; differs from grid_thw[1:] only for a
+    grid made even (files from before this column: grid_thw[1:])."""
 
 
 class _Record(NamedTuple):
@@ -96,6 +99,7 @@ class _Record(NamedTuple):
     shard_offset: int
     kind: str
     decoder: str
+    processor_grid: tuple[int, int]
 
 
 class _ShardTable:
@@ -108,6 +112,9 @@ class _ShardTable:
         self._row = {key: i for i, key in zip(range(n - 1, -1, -1), reversed(self._keys))}
         self.duplicate_keys = n - len(self._row)
         self.columns = {name: handle[name][()] for name in COLUMNS}
+        self.columns["processor_grid"] = (  # files from before the column: the grid used
+            handle["processor_grid"][()] if "processor_grid" in handle else self.columns["grid_thw"][:, 1:]
+        )
         self.columns["shard"] = np.zeros(n, dtype=np.int32)
         self.columns["shard_offsets"] = self.columns["offsets"]
         bad = [name for name, values in self.columns.items() if len(values) != n]
@@ -134,6 +141,7 @@ class _ShardTable:
             tuple(int(v) for v in c["merged_hw"][row]), tuple(int(v) for v in c["orig_hw"][row]),  # type: ignore[arg-type]
             tuple(int(v) for v in c["resized_hw"][row]), int(c["frame_offsets"][row]),  # type: ignore[arg-type]
             int(c["frame_lengths"][row]), 0, int(c["offsets"][row]), c["kind"][row].decode(), c["decoder"][row].decode(),
+            (int(c["processor_grid"][row][0]), int(c["processor_grid"][row][1])),
         )
 
 
@@ -210,7 +218,7 @@ class _IndexTable:
         v = self._table[row].tolist()
         return _Record(
             v[0], v[1], (v[2], v[3], v[4]), (v[5], v[6]), (v[7], v[8]), (v[9], v[10]), v[11], v[12], v[13], v[14],
-            self._kinds[v[15]], self._decoders[v[16]],
+            self._kinds[v[15]], self._decoders[v[16]], (v[17], v[18]),
         )
 
 
@@ -273,9 +281,9 @@ class FeatureFile:
 
     def column(self, name: str) -> np.ndarray:
         """A whole per-sample table (read on first use, then kept): offsets, lengths, grid_thw,
-        merged_hw, orig_hw, resized_hw, kind, decoder, frame_offsets, frame_lengths, shard,
-        shard_offsets."""
-        if name not in (*COLUMNS, "shard", "shard_offsets"):
+        merged_hw, orig_hw, resized_hw, processor_grid, kind, decoder, frame_offsets, frame_lengths,
+        shard, shard_offsets."""
+        if name not in (*COLUMNS, "processor_grid", "shard", "shard_offsets"):
             raise KeyError(name)
         return self._table.column(name)
 
@@ -353,6 +361,7 @@ class FeatureFile:
             frame_times=frame_times,
             decoder=record.decoder,
             index=row,
+            processor_grid=record.processor_grid,
         )
 
     def read_rows(self, row: int) -> np.ndarray:

@@ -92,6 +92,7 @@ class _SampleRows:
     merged_hw: tuple[int, int]
     orig_hw: tuple[int, int]
     resized_hw: tuple[int, int]
+    processor_grid: tuple[int, int]
     decoder: str
     frame_indices: list[int]
     frame_times: list[float]
@@ -287,6 +288,7 @@ class ShardWriter:
             merged_hw=merged,
             orig_hw=(int(features.orig_hw[0]), int(features.orig_hw[1])),
             resized_hw=(int(features.resized_hw[0]), int(features.resized_hw[1])),
+            processor_grid=tuple(int(v) for v in (features.processor_grid or grid[1:])),  # type: ignore[arg-type]
             decoder=str(features.decoder),
             frame_indices=frame_indices,
             frame_times=frame_times,
@@ -524,6 +526,7 @@ def write_tables(file: h5py.File, samples: list[_SampleRows], failures: list[tup
         "merged_hw": np.array([s.merged_hw for s in samples], dtype=np.int32).reshape(n, 2),
         "orig_hw": np.array([s.orig_hw for s in samples], dtype=np.int32).reshape(n, 2),
         "resized_hw": np.array([s.resized_hw for s in samples], dtype=np.int32).reshape(n, 2),
+        "processor_grid": np.array([s.processor_grid for s in samples], dtype=np.int32).reshape(n, 2),
         "kind": ascii_array([s.kind for s in samples]),
         "decoder": ascii_array([s.decoder for s in samples]),
         "frame_offsets": frame_offsets,

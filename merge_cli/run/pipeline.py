@@ -165,6 +165,7 @@ def claim_output(out: Path, dist: DistContext) -> list:
 def _run_claimed(
     config: ExtractConfig, reporter: Reporter, dist: DistContext, device: torch.device, started: float
 ) -> RunSummary:
+    from merge_cli.inputs.parquet import ParquetColumns
     from merge_cli.inputs.sources import ListingStats, stream_units
     from merge_cli.output import store
     from merge_cli.output.index import build_index
@@ -192,6 +193,7 @@ def _run_claimed(
         unit_size=config.unit_size,
         gif_as_video=config.gif_as_video,
         stats=stats,
+        columns=ParquetColumns(config.image_column, config.video_column, config.key_column),
     )
     feed = WorkFeed(units, unit_claims(dist), plan, on_total=reporter.set_total)
 
