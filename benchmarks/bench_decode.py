@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py            # the full run (about 2 minutes on a 2-core VM)
     python benchmarks/bench_decode.py --quick    # a smoke run with small media (seconds)
+    python benchmarks/bench_decode.py --containers   # only the tar / Parquet table
 
 Generates its own media in a temporary folder, measures on one core (one process, torch limited
 to one thread, decord with one thread), and prints markdown tables whose ratios compare against
@@ -12,6 +13,9 @@ a baseline measured in the same run:
           its PSNR against the exact path
   video   sampling 16 frames from a 60 s 720p video with decord (get_batch on the indices)
           against decoding every frame; merge-cli's decode_sample with decord and with PyAV
+  containers  the same JPEGs as loose files (the baseline), inside WebDataset tar shards and
+          inside Parquet files (a binary column, and a Hugging Face Image struct column):
+          listing them, and decode_sample on each (read in place + decode + resize)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import platform
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +39,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from merge_cli.config import MediaOptions, VideoOptions  # noqa: E402
+from merge_cli.inputs.sources import collect_samples  # noqa: E402
 from merge_cli.media import video  # noqa: E402
 from merge_cli.media.images import decode_sample, normalize  # noqa: E402
 from merge_cli.records import Item, Sample  # noqa: E402
@@ -224,20 +230,87 @@ def bench_video(path: Path, repeats: int) -> tuple[list[tuple], str]:
     return rows, f"{total} frames at {fps:g} fps"
 
 
+# --- containers -----------------------------------------------------------------------------------
+
+
+def write_containers(folder: Path, paths: list[Path], per_shard: int) -> dict[str, Path]:
+    """The same files as tar shards and as Parquet files (binary and datasets-struct columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    made = {name: folder / name for name in ("tars", "parquet", "hf")}
+    for target in made.values():
+        target.mkdir()
+    for number, start in enumerate(range(0, len(paths), per_shard)):
+        chunk = paths[start : start + per_shard]
+        with tarfile.open(made["tars"] / f"{number:05d}.tar", "w") as archive:
+            for path in chunk:
+                archive.add(path, arcname=path.name)
+        ids, data = [path.stem for path in chunk], [path.read_bytes() for path in chunk]
+        pq.write_table(pa.table({"id": ids, "image": data}), made["parquet"] / f"train-{number:05d}.parquet", row_group_size=64)
+        structs = pa.array([{"bytes": d, "path": None} for d in data], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        pq.write_table(pa.table({"id": ids, "image": structs}), made["hf"] / f"train-{number:05d}.parquet", row_group_size=64)
+    return made
+
+
+def bench_containers(label: str, folder: Path, paths: list[Path], repeats: int) -> list[tuple]:
+    loose_folder = paths[0].parent
+    made = write_containers(folder, paths, per_shard=max(1, len(paths) // 2))
+    sources = {"loose files (baseline)": loose_folder, "WebDataset tars": made["tars"], "Parquet, binary column": made["parquet"], "Parquet, datasets Image struct": made["hf"]}
+    samples = {name: sorted(collect_samples([where]).samples, key=lambda s: s.key.split(".")[0]) for name, where in sources.items()}
+    assert all(len(found) == len(paths) for found in samples.values()), {n: len(f) for n, f in samples.items()}
+    options = MediaOptions()
+    reference = [decode_sample(sample, options).pixels for sample in samples["loose files (baseline)"]]
+    for name, found in samples.items():  # the same bytes decoded the same way: identical pixels
+        assert all(torch.equal(decode_sample(s, options).pixels, r) for s, r in zip(found, reference)), name
+
+    def decoder(found):
+        return lambda index: decode_sample(found[index], options)
+
+    decoded = rates({name: decoder(found) for name, found in samples.items()}, list(range(len(paths))), repeats)
+    listed = rates({name: (lambda _, where=where: collect_samples([where])) for name, where in sources.items()}, [0], max(3, repeats))
+    base, base_listing = decoded["loose files (baseline)"], listed["loose files (baseline)"]
+    rows = []
+    for name in sources:
+        rows.append((label, name, decoded[name], decoded[name] / base, listed[name] * len(paths), listed[name] / base_listing))
+    return rows
+
+
+def bench_images_and_video(small_paths, large_paths, clip, small, large, video_spec, repeats) -> None:
+    print("## Images (JPEG, quality 90; default policy: at most 1280 merged tokens)\n")
+    print("| input | path | images/s | vs baseline | note |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for count, height, width, times in (small, large):
+        paths = small_paths if (height, width) == small[1:3] else large_paths
+        for row in bench_images(f"{width}x{height}", paths, times):
+            print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.2f}x | {row[4]} |")
+
+    rows, description = bench_video(clip, repeats)
+    seconds, height, width = video_spec
+    print(f"\n## Video ({seconds} s {width}x{height} H.264, keyframe every 2 s, {description})\n")
+    print("| path | frames | seconds | frames/s | speedup vs decoding every frame |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, frames, seconds_taken, per_second, speedup in rows:
+        print(f"| {name} | {frames} | {seconds_taken:.3f} | {per_second:.1f} | {speedup:.2f}x |")
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small media, few repeats: a smoke run")
+    parser.add_argument("--containers", action="store_true", help="only the containers table (tars, Parquet)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     rng = np.random.default_rng(0)
     if args.quick:
         small, large, video_spec, repeats = (4, 480, 640, 2), (2, 1200, 1600, 1), (5, 360, 640), 2
+        thumbs = (8, 256, 256, 2)
     else:
         small, large, video_spec, repeats = (20, 480, 640, 10), (4, 3000, 4000, 3), (60, 720, 1280), 5
+        thumbs = (200, 256, 256, 5)
 
     print(f"# merge-cli decode benchmark{' (--quick)' if args.quick else ''}\n")
     print(
@@ -248,26 +321,26 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="merge-cli-bench-") as tmp:
         folder = Path(tmp)
-        small_paths = make_jpegs(folder, small[0], small[1], small[2], rng)
-        large_paths = make_jpegs(folder, large[0], large[1], large[2], rng)
-        clip = make_video(folder / "clip.mp4", *video_spec)
+        for name in ("small", "large", "thumbs"):
+            (folder / name).mkdir()
+        small_paths = make_jpegs(folder / "small", small[0], small[1], small[2], rng)
+        thumb_paths = make_jpegs(folder / "thumbs", thumbs[0], thumbs[1], thumbs[2], rng)
+        if not args.containers:
+            large_paths = make_jpegs(folder / "large", large[0], large[1], large[2], rng)
+            clip = make_video(folder / "clip.mp4", *video_spec)
         generated = time.perf_counter() - started
 
-        print("## Images (JPEG, quality 90; default policy: at most 1280 merged tokens)\n")
-        print("| input | path | images/s | vs baseline | note |")
-        print("| --- | --- | ---: | ---: | --- |")
-        for count, height, width, times in (small, large):
-            paths = small_paths if (height, width) == small[1:3] else large_paths
-            for row in bench_images(f"{width}x{height}", paths, times):
-                print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.2f}x | {row[4]} |")
-
-        rows, description = bench_video(clip, repeats)
-        seconds, height, width = video_spec
-        print(f"\n## Video ({seconds} s {width}x{height} H.264, keyframe every 2 s, {description})\n")
-        print("| path | frames | seconds | frames/s | speedup vs decoding every frame |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, frames, seconds_taken, per_second, speedup in rows:
-            print(f"| {name} | {frames} | {seconds_taken:.3f} | {per_second:.1f} | {speedup:.2f}x |")
+        if not args.containers:
+            bench_images_and_video(small_paths, large_paths, clip, small, large, video_spec, repeats)
+        print("\n## Containers (the same JPEGs as loose files, in 2 tar shards, in 2 Parquet files; page cache warm)\n")
+        print("| input | read from | images/s decoded | vs loose files | samples/s listed | listing vs loose files |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for count, height, width, times in (small, thumbs):
+            paths = small_paths if (height, width) == small[1:3] else thumb_paths
+            where = folder / f"containers-{width}x{height}"
+            where.mkdir()
+            for row in bench_containers(f"{width}x{height}", where, paths, times):
+                print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.2f}x | {row[4]:.0f} | {row[5]:.2f}x |")
     total = time.perf_counter() - started
     print(f"\nGenerating media took {generated:.0f} s; the whole run {total:.0f} s; load average at end {os.getloadavg()[0]:.2f}.")
 

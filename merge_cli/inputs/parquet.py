@@ -9,7 +9,10 @@ file). Rows whose media columns are all null are skipped (text-only rows, as in 
 Listing reads the footer and, per row group, the key column and the null masks of the media
 columns (a struct's mask from its small `path` leaf, a binary column's only when its statistics
 count nulls), so the image bytes are read once, when decoding. Decoding reads a row group's
-media columns once per process and keeps that one row group while its rows are decoded.
+media column once per process and keeps that one row group while its rows are decoded (each
+DataLoader worker reads the row groups its samples fall in: reading costs far less than
+decoding the images in it). pyarrow reads on the calling thread (`use_threads=False`): the
+DataLoader workers are the parallelism, and pyarrow's own pool only oversubscribes the cores.
 
 pyarrow is an optional dependency (`pip install 'merge-cli[parquet]'`); without it a Parquet input
 is refused with one line naming the extra.
@@ -182,7 +185,7 @@ def _is_text(arrow_type) -> bool:
 def _read_keys(file, group: int, key_column: str | None) -> list | None:
     if key_column is None:
         return None
-    return file.read_row_group(group, columns=[key_column]).column(0).to_pylist()
+    return file.read_row_group(group, columns=[key_column], use_threads=False).column(0).to_pylist()
 
 
 def _present(file, group: int, name: str, arrow_type, pa):
@@ -191,7 +194,7 @@ def _present(file, group: int, name: str, arrow_type, pa):
 
     if pa.types.is_struct(arrow_type):
         leaf = "path" if arrow_type.get_field_index("path") >= 0 else "bytes"
-        column = file.read_row_group(group, columns=[f"{name}.{leaf}"]).column(0)
+        column = file.read_row_group(group, columns=[f"{name}.{leaf}"], use_threads=False).column(0)
     else:
         meta = file.metadata.row_group(group)
         for index in range(meta.num_columns):
@@ -199,7 +202,7 @@ def _present(file, group: int, name: str, arrow_type, pa):
             if chunk.path_in_schema == name and chunk.statistics is not None and chunk.statistics.has_null_count:
                 if chunk.statistics.null_count == 0:
                     return None
-        column = file.read_row_group(group, columns=[name]).column(0)
+        column = file.read_row_group(group, columns=[name], use_threads=False).column(0)
     if column.null_count == 0:
         return None
     return np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
@@ -209,7 +212,53 @@ def _present(file, group: int, name: str, arrow_type, pa):
 
 _cache_lock = threading.Lock()
 _cached: tuple[tuple[str, int], dict] | None = None
-"""(file, row group) -> {column: array}: the one row group this process is decoding."""
+"""(file, row group) -> {column: _Cells}: the one row group this process is decoding."""
+
+
+class _Binary:
+    """A binary array's values by row, sliced straight out of its data buffer (one copy per value)."""
+
+    def __init__(self, array) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        self.valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        buffers = array.buffers()
+        width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+        self.offsets = np.frombuffer(buffers[1], dtype=width)[array.offset : array.offset + len(array) + 1]
+        self.data = memoryview(buffers[2]) if buffers[2] is not None else memoryview(b"")
+
+    def get(self, row: int) -> bytes | None:
+        if not self.valid[row]:
+            return None
+        return bytes(self.data[int(self.offsets[row]) : int(self.offsets[row + 1])])
+
+
+class _Cells:
+    """One media column of one row group: encoded bytes, or a struct's bytes and path."""
+
+    def __init__(self, array) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        self.struct_valid = None
+        self.paths: list | None = None
+        if pa.types.is_struct(array.type):
+            self.struct_valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            self.values = _Binary(array.field("bytes"))
+            if array.type.get_field_index("path") >= 0:
+                self.paths = array.field("path").to_pylist()
+        else:
+            self.values = _Binary(array)
+
+    def get(self, row: int) -> bytes | str | None:
+        """The bytes; else a struct's path; None for a null value."""
+        if self.struct_valid is not None and not self.struct_valid[row]:
+            return None
+        data = self.values.get(row)
+        if data is None and self.paths is not None:
+            return self.paths[row] or None
+        return data
 
 
 def read_cell(path: Path, cell: ParquetCell) -> bytes | Path:
@@ -223,25 +272,19 @@ def read_cell(path: Path, cell: ParquetCell) -> bytes | Path:
     with _cache_lock:
         if _cached is None or _cached[0] != where:
             _cached = (where, {})  # a new row group: drop the last one
-        arrays = _cached[1]
-        if cell.column not in arrays:
+        columns = _cached[1]
+        if cell.column not in columns:
             try:
-                table = pa.parquet.ParquetFile(path).read_row_group(cell.row_group, columns=[cell.column])
+                table = pa.parquet.ParquetFile(path).read_row_group(cell.row_group, columns=[cell.column], use_threads=False)
+                chunked = table.column(0)
+                columns[cell.column] = _Cells(chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks())
             except (pa.ArrowException, OSError) as error:
                 raise MediaError("open", f"cannot read {path} row group {cell.row_group}: {error}", type(error).__name__) from error
-            arrays[cell.column] = table.column(0).combine_chunks()
-    array = arrays[cell.column]
-    if pa.types.is_struct(array.type):
-        value = array[cell.row]
-        data = value["bytes"].as_py() if value.is_valid else None
-        if data is None and array.type.get_field_index("path") >= 0 and value.is_valid:
-            named = value["path"].as_py()
-            if named:
-                return path.parent / named
-    else:
-        data = array[cell.row].as_py()
-    if data is None:
+    found = columns[cell.column].get(cell.row)
+    if isinstance(found, str):
+        return path.parent / found
+    if found is None:
         raise MediaError("open", f"{path}: row {cell.file_row} has a null {cell.column!r} (no bytes, no path)", "NullImage")
-    if not data:
+    if not found:
         raise MediaError("open", f"{path}: row {cell.file_row} has an empty {cell.column!r} (0 bytes)", "EmptyFile")
-    return data
+    return found
