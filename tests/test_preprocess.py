@@ -186,3 +186,14 @@ def test_video_preprocessor_config_sets_qwen_video_rules(tmp_path):
     rules = video_defaults(read_checkpoint_vision(str(folder)), "checkpoint", 28)
     assert (rules["fps"], rules["max_frames"], rules["min_pixels"], rules["max_pixels"], rules["resample"]) == (1.0, 64, 3136, 50176, "bilinear")
     assert video_defaults(vision, "native", 28)["rule"] == "native"
+
+
+def test_a_resume_with_other_preprocessing_is_refused(cli, tmp_path):
+    media = tmp_path / "media"
+    make_image(media / "a.png", 100, 150)
+    out = str(tmp_path / "feats.h5")
+    assert cli("extract", "--input", str(media), "--out", out, *CPU, "--preprocess", "native").exit_code == 0
+    result = cli("extract", "--input", str(media), "--out", out, *CPU, "--preprocess", "checkpoint")
+    assert result.exit_code == 1 and "media.preprocess" in result.stderr, result.stderr
+    summary = json.loads(cli("extract", "--input", str(media), "--out", out, *CPU, "--preprocess", "native", "--json").stdout)
+    assert summary["preprocess"] == "native" and summary["skipped"] == 1
