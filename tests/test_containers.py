@@ -389,3 +389,20 @@ def test_resume_after_kill_9_mid_shard(tmp_path):
         assert sorted(a.keys()) == sorted(b.keys()) and len(a.keys()) == 120
         for key in a.keys():
             torch.testing.assert_close(b[key].tokens, a[key].tokens, rtol=1e-6, atol=1e-6)
+
+
+def test_plan_from_headers_matches_decoding_inside_containers(tmp_path):
+    from merge_cli.media.images import plan_sample
+
+    image = encoded(*random_size())
+    clip = make_video(tmp_path / "clip.mp4", 10, 48, 64, fps=10).read_bytes()
+    shard = make_tar(tmp_path / "s.tar", [("a.jpg", image), ("b.mp4", clip)])
+    table = make_parquet(tmp_path / "p.parquet", {"id": ["c", "d"], "image": [image, None], "video": [None, clip]})
+    options = MediaOptions(video=VideoOptions(num_frames=4))
+    samples = collect_samples([shard]).samples + collect_samples([table]).samples
+    assert [(s.key, s.kind) for s in samples] == [("a", "image"), ("b", "video"), ("c", "image"), ("d", "video")]
+    for sample in samples:
+        item = decode_sample(sample, options)
+        assert isinstance(item, Item), item
+        patch = options.policy.patch_size
+        assert plan_sample(sample, options) == (item.num_frames, item.resized_hw[0] // patch, item.resized_hw[1] // patch)
