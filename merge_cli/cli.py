@@ -279,6 +279,11 @@ class Batching(str, Enum):
     bucket = "bucket"
 
 
+class VideoSeek(str, Enum):
+    exact = "exact"
+    keyframe = "keyframe"
+
+
 _INPUTS, _MODEL, _OUTPUT, _RESIZE, _VIDEO, _RUN = "Inputs", "Model", "Output", "Resize", "Video", "Run"
 
 
@@ -525,6 +530,13 @@ def extract_command(
             show_default=False,
         ),
     ] = None,
+    video_seek: Annotated[
+        VideoSeek,
+        typer.Option(
+            help="exact: the sampled frames; keyframe: each snaps to its nearest keyframe (much faster).",
+            rich_help_panel=_VIDEO,
+        ),
+    ] = VideoSeek.exact,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=_RUN)] = "auto",
     dtype: Annotated[
         Optional[Dtype],
@@ -590,6 +602,7 @@ def extract_command(
             end=video_end,
             max_pixels=video_max_pixels,
             total_pixels=video_total_pixels,
+            seek=video_seek.value,
         )
         return ExtractConfig(
             inputs=tuple(inputs),

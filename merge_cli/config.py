@@ -30,6 +30,7 @@ def default_video_total_pixels(factor: int) -> int:
 
 
 VIDEO_RULES = ("native", "qwen")
+VIDEO_SEEK_MODES = ("exact", "keyframe")
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,12 @@ class VideoOptions:
     """The frame count is a multiple of this (Qwen's temporal patch size) under the qwen rule."""
     resample: str | None = None
     """Resampling filter for frames [default: the image policy's]."""
+    seek: str = "exact"
+    """`exact`: the sampled frames themselves; `keyframe`: each snaps to its nearest keyframe."""
 
     def __post_init__(self) -> None:
+        if self.seek not in VIDEO_SEEK_MODES:
+            raise UsageError(f"--video-seek must be one of {', '.join(VIDEO_SEEK_MODES)}; got {self.seek!r}")
         if self.fps is not None and self.fps <= 0:
             raise UsageError(f"--fps must be positive; got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
@@ -132,9 +137,14 @@ class MediaOptions:
     """Pixel values are multiplied by this before mean/std (the checkpoint's processor says)."""
     video_defaults: dict | None = None
     """The mode's video defaults (processor.video_defaults); None: the native ones."""
+    decode_threads: int = 1
+    """Codec threads per video reader: the cores a decode worker has to itself. Changes the speed,
+    not the pixels, so it is not part of `to_dict` (nor of the config hash)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "video", self.video.resolved(self.policy.factor, self.video_defaults))
+        if self.decode_threads < 1:
+            raise UsageError(f"decode threads must be at least 1; got {self.decode_threads}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise UsageError(f"--max-image-pixels must be positive; got {self.max_image_pixels}")
 
@@ -152,6 +162,22 @@ class MediaOptions:
             "rescale_factor": self.rescale_factor,
             "preprocess": self.policy.mode,
         }
+
+
+def spare_decode_threads(workers: int) -> int:
+    """Codec threads each decode worker may use: the cores this node gives the process, shared by
+    its decode workers and by the other ranks on the node (torchrun's LOCAL_WORLD_SIZE); 1 when
+    decoding runs in the main process beside the compute, or when cores are fewer than workers."""
+    import os
+
+    if workers < 1:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // (workers * local_ranks))
 
 
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
@@ -312,6 +338,7 @@ class ExtractConfig:
             self.max_image_pixels,
             rescale_factor=vision.rescale_factor,
             video_defaults=processor.video_defaults(vision, mode, policy.factor),
+            decode_threads=spare_decode_threads(self.workers),
         )
 
     @property

@@ -58,13 +58,23 @@ def make_video(
     codec: str = "libx264",
     rng=None,
     container_options: dict | None = None,
+    keyint: int | None = None,
 ) -> Path:
-    """Write a short video; yuv420p needs even sides. Frame i has mean level `frame_level(i)`."""
+    """Write a short video; yuv420p needs even sides. Frame i has mean level `frame_level(i)`.
+
+    `keyint` (x264 only): a keyframe exactly every `keyint` frames (no scene-cut keyframes), with
+    B-frames in a pyramid, so that GOPs hold reference and non-reference frames.
+    """
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    options = {}
+    if keyint is not None and codec == "libx265":  # x265 writes open GOPs: leading frames follow a keyframe
+        options["x265-params"] = f"keyint={keyint}:min-keyint={keyint}:scenecut=0:log-level=error"
+    elif keyint is not None:
+        options["x264-params"] = f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=3:b-pyramid=normal"
     with av.open(str(path), "w", options=container_options or {}) as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         for index in range(num_frames):
