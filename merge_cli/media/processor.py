@@ -48,7 +48,7 @@ FAMILIES = {
     "qwen2_5_vl": "qwen",
     "qwen2_5_vl_vision": "qwen",
 }
-"""config.json model_type -> processor family (the towers' own table maps the same keys)."""
+"""config.json model_type -> processor family; merge_cli.models.towers derives its module table from it."""
 
 CHECKPOINT_BY_DEFAULT = frozenset({"qwen", "siglip2"})
 """Families whose own processor is native-resolution: `--preprocess` defaults to checkpoint."""
@@ -284,9 +284,8 @@ def _positive(value: Any, name: str, where: str) -> int:
     return value
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`, or one clear CheckpointError saying why it is unusable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -296,3 +295,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {path} does not hold a JSON object")
     return data
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any] | None:
+    """read_json, or None where the (optional) file is absent."""
+    return read_json(path, what) if path.is_file() else None

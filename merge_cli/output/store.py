@@ -567,10 +567,7 @@ def scan_existing(out: Path, *, rank: int | None = None, delete_temporaries: boo
     if delete_temporaries:
         remove_stale_temporaries(out, rank)
     shards = list_shards(out)
-    index_attrs: dict | None = None
-    if out.exists():
-        with open_h5(out) as handle:
-            index_attrs = decode_attrs(handle.attrs, parse_json=False)
+    index_attrs = _index_attrs(out)
     if not shards and index_attrs is None:
         return None
     done: set[str] = set()
@@ -675,6 +672,14 @@ def read_unit_marker(path: Path) -> dict:
     return marker
 
 
+def _index_attrs(out: Path) -> dict | None:
+    """The root attributes of an existing index `out` (JSON ones left as text), None without one."""
+    if not out.exists():
+        return None
+    with open_h5(out) as handle:
+        return decode_attrs(handle.attrs, parse_json=False)
+
+
 def scan_units(out: Path, *, rank: int | None = None) -> UnitScan | None:
     """The units of an existing output, or None when there is none. Cost: one folder listing, one
     small JSON file per complete unit, one shard opened for the settings, and the keys of the
@@ -682,10 +687,7 @@ def scan_units(out: Path, *, rank: int | None = None) -> UnitScan | None:
     out = Path(out)
     remove_stale_temporaries(out, rank)
     shards = list_shards(out)
-    index_attrs: dict | None = None
-    if out.exists():
-        with open_h5(out) as handle:
-            index_attrs = decode_attrs(handle.attrs, parse_json=False)
+    index_attrs = _index_attrs(out)
     if not shards and index_attrs is None:
         return None
     complete = {unit: read_unit_marker(path) for unit, path in list_unit_markers(out)}

@@ -26,25 +26,14 @@ from pathlib import Path
 import torch
 
 from merge_cli.errors import CheckpointError, GridError
+from merge_cli.media.processor import FAMILIES
 
 DEMO_SPEC = "demo"
 
-# config.json "model_type" -> the module (in this package) that builds the tower.
-_MODULES = {
-    "onevision_encoder": "onevision",
-    "siglip": "siglip",
-    "siglip_vision_model": "siglip",
-    "siglip2": "siglip2",
-    "siglip2_vision_model": "siglip2",
-    "clip": "clip",
-    "clip_vision_model": "clip",
-    "dinov2": "dinov2",
-    "dinov2_with_registers": "dinov2",
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_vl_vision": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_vl",
-    "qwen2_5_vl_vision": "qwen2_vl",
-}
+# config.json "model_type" -> the module (in this package) that builds the tower: the processor's
+# family table, so that the two never disagree on which model types exist.
+_FAMILY_MODULES = {"qwen": "qwen2_vl"}
+_MODULES = {model_type: _FAMILY_MODULES.get(family, family) for model_type, family in FAMILIES.items()}
 
 SUPPORTED_MODEL_TYPES = tuple(_MODULES)
 

@@ -5,7 +5,6 @@ Private to `merge_cli.models.towers`; no transformers here.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from merge_cli.errors import CheckpointError, UsageError
 from merge_cli.hashing import hash_json, hash_state_dict
+from merge_cli.media.processor import read_json
 from merge_cli.models.checkpoints import read_tensors
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,19 +25,6 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from `path`, or one clear CheckpointError saying why it is unusable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise CheckpointError(f"cannot read {what} {path}: {error.strerror or error}") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{what} {path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {path} does not hold a JSON object")
-    return data
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
