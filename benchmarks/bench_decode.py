@@ -237,7 +237,7 @@ def clip_file(folder: Path, clip: Clip) -> Path:
     return path
 
 
-SAMPLED = VideoOptions(num_frames=16, max_frames=16)
+SAMPLED = VideoOptions(num_frames=16)
 """16 frames per video, the issue's measure (OneVision-large: 16 frames x 256 patches)."""
 
 

@@ -475,13 +475,18 @@ def extract_command(
     ] = 89478485,
     fps: Annotated[
         Optional[float],
-        typer.Option(help="Frames sampled per second of video (default: 2).", rich_help_panel=_VIDEO, show_default=False),
+        typer.Option(
+            help="Frames sampled per second of video (default: 2), within --min-frames..--max-frames.",
+            rich_help_panel=_VIDEO,
+            show_default=False,
+        ),
     ] = None,
     num_frames: Annotated[
         Optional[int],
         typer.Option(
             min=1,
-            help="Sample exactly N frames per video (instead of --fps).",
+            help="Sample exactly N frames per video, fewer only when it has fewer; not with --fps, "
+            "--min-frames or --max-frames (Qwen under --preprocess checkpoint: a multiple of 2).",
             rich_help_panel=_VIDEO,
             show_default=False,
         ),
@@ -490,7 +495,7 @@ def extract_command(
         Optional[int],
         typer.Option(
             min=1,
-            help="At least this many frames when the video has them (default: 4).",
+            help="With --fps: at least this many frames when the video has them (default: 4).",
             rich_help_panel=_VIDEO,
             show_default=False,
         ),
@@ -499,7 +504,7 @@ def extract_command(
         Optional[int],
         typer.Option(
             min=1,
-            help="At most this many frames (default: 32; Qwen's own rules 768).",
+            help="With --fps: at most this many frames (default: 32; Qwen's own rules 768).",
             rich_help_panel=_VIDEO,
             show_default=False,
         ),

@@ -42,13 +42,15 @@ class VideoOptions:
     """
 
     fps: float | None = None
-    """Frames sampled per second of video [default: 2]; ignored when `num_frames` is set."""
+    """Frames sampled per second of video [default: 2]; not with `num_frames`."""
     num_frames: int | None = None
-    """Sample exactly this many frames (still bounded by the frames the video has)."""
+    """Sample exactly this many frames, capped only by the frames the video (or its start/end
+    range) has; the fps rule and its frame bounds do not apply, so they may not be given with it.
+    Under the `qwen` rule it must be a multiple of `frame_multiple` (see `resolved`)."""
     min_frames: int | None = None
-    """Lower bound on the number of sampled frames when the video has that many [default: 4]."""
+    """Lower bound on the fps rule's frame count when the video has that many [default: 4]."""
     max_frames: int | None = None
-    """Upper bound on the number of sampled frames [default: 32; 768 for Qwen's own rules]."""
+    """Upper bound on the fps rule's frame count [default: 32; 768 for Qwen's own rules]."""
     start: float | None = None
     """Seconds into the video where sampling starts."""
     end: float | None = None
@@ -76,6 +78,15 @@ class VideoOptions:
             raise UsageError(f"--fps must be positive; got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
             raise UsageError(f"--num-frames must be at least 1; got {self.num_frames}")
+        if self.num_frames is not None:
+            given = [name for name, value in (("--fps", self.fps), ("--min-frames", self.min_frames),
+                                              ("--max-frames", self.max_frames)) if value is not None]
+            if given:
+                raise UsageError(
+                    f"--num-frames samples exactly {self.num_frames} frames; {' and '.join(given)} "
+                    f"{'sets' if len(given) == 1 else 'set'} the other way of counting frames (--fps within "
+                    "--min-frames..--max-frames): give one or the other"
+                )
         if self.min_frames is not None and self.min_frames < 1:
             raise UsageError(f"--min-frames must be at least 1; got {self.min_frames}")
         if self.max_frames is not None and self.min_frames is not None and self.max_frames < self.min_frames:
@@ -96,7 +107,13 @@ class VideoOptions:
     def resolved(self, factor: int, defaults: dict | None = None) -> VideoOptions:
         """A copy with every unset setting filled in from `defaults` (a mode's video defaults;
         the native ones when None) for this merge factor. The rule, frame multiple and filter
-        come from `defaults` when given."""
+        come from `defaults` when given. With `num_frames` the fps rule's settings (fps, min and
+        max frames) stay unset: they do not apply, and the config hash says so.
+
+        Under the `qwen` rule an explicit `num_frames` must be a multiple of the temporal patch
+        (`frame_multiple`): Qwen's tower turns each pair of frames into one temporal token, so an
+        odd count could only be met by rounding it (qwen-vl-utils rounds 3 to 4) or by padding with
+        a repeated frame, and either would not be the N frames asked for. It is refused instead."""
         from dataclasses import replace
 
         if defaults is None:
@@ -107,12 +124,24 @@ class VideoOptions:
                 "max_pixels": default_video_max_pixels(factor),
                 "total_pixels": default_video_total_pixels(factor),
             }
+        counting = () if self.num_frames is not None else ("fps", "min_frames", "max_frames")
         filled = {
             name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
-            for name in ("fps", "min_frames", "max_frames", "max_pixels", "total_pixels", "min_pixels", "resample")
+            for name in (*counting, "max_pixels", "total_pixels", "min_pixels", "resample")
         }
         if "rule" in defaults:
             filled.update(rule=defaults["rule"], frame_multiple=defaults["frame_multiple"])
+        multiple = filled.get("frame_multiple", self.frame_multiple)
+        if self.num_frames is not None and filled.get("rule", self.rule) == "qwen" and self.num_frames % multiple:
+            lower = self.num_frames // multiple * multiple
+            choices = " or ".join(str(n) for n in (lower, lower + multiple) if n)
+            raise UsageError(
+                f"--num-frames {self.num_frames} is not a multiple of {multiple}: this Qwen tower encodes "
+                f"{multiple} frames per temporal patch under --preprocess checkpoint; give {choices} "
+                "(or --preprocess native, where the tower repeats an odd last frame)"
+            )
+        if self.num_frames is not None:
+            return replace(self, **filled)
         if self.min_frames is None and self.max_frames is not None:
             filled["min_frames"] = min(filled["min_frames"], self.max_frames)
         if self.max_frames is None and self.min_frames is not None:

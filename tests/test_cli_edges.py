@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from media_factory import make_image
+from media_factory import make_image, make_video
 
 CPU = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
 
@@ -142,3 +142,42 @@ def test_counts_of_one_are_singular(cli, tmp_path):
     assert "1 sample," in text and "from 1 shard " in text and "1 error" in text and "1 errors" not in text
     inspect = " ".join(cli("inspect", str(out)).stdout.split())
     assert "0 images, 1 video, 2 frames" in inspect, inspect
+
+
+# -- item 4: --num-frames N is exact, and conflicting frame options are refused --------------------
+
+
+@pytest.mark.parametrize("wanted", [1, 3, 7])
+def test_num_frames_gives_exactly_n_frames(cli, tmp_path, wanted):
+    from merge_cli.output.reader import open_features
+
+    make_video(tmp_path / "media" / "clip.mp4", 40, 64, 96, fps=10)
+    out = tmp_path / "feats.h5"
+    result = cli("extract", "--input", str(tmp_path / "media"), "--out", str(out), "--num-frames", str(wanted), *CPU, "--json")
+    assert result.exit_code == 0, result.output
+    with open_features(out) as feats:
+        sample = feats["clip.mp4"]
+        assert len(sample.frame_indices) == wanted and sample.grid_thw[0] == wanted  # the demo tower: one frame per t
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [(["--fps", "1"], "--fps"), (["--max-frames", "8"], "--max-frames"), (["--min-frames", "2", "--fps", "3"], "--fps and --min-frames")],
+)
+def test_num_frames_with_another_frame_count_is_one_line(cli, media, tmp_path, extra, named):
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path / "f.h5"), "--num-frames", "3", *extra, *CPU)
+    assert result.exit_code == 1
+    assert f"--num-frames samples exactly 3 frames; {named} " in _one_error_line(result)
+    assert not (tmp_path / "f.h5").exists()
+
+
+def _help_text(cli, *command: str) -> str:
+    """--help as one line of words, without rich's box borders."""
+    import re
+
+    return " ".join(re.sub("[\u2500-\u257f]", " ", cli(*command, "--help").stdout).split())
+
+
+def test_help_says_num_frames_is_exact(cli):
+    text = _help_text(cli, "extract")
+    assert "Sample exactly N frames per video" in text and "not with --fps, --min-frames or --max-frames" in text

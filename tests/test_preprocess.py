@@ -188,6 +188,23 @@ def test_video_preprocessor_config_sets_qwen_video_rules(tmp_path):
     assert video_defaults(vision, "native", 28)["rule"] == "native"
 
 
+def test_qwen_checkpoint_rules_take_num_frames_in_frame_pairs(tmp_path):
+    from merge_cli.config import ExtractConfig, VideoOptions
+    from merge_cli.errors import UsageError
+
+    folder = checkpoint(tmp_path / "q", "qwen2_vl", {"min_pixels": 3136, "max_pixels": 1003520}, vision_config={"patch_size": 14})
+    vision = read_checkpoint_vision(str(folder))
+
+    def media(num_frames, preprocess=None):
+        config = ExtractConfig(("x",), "o.h5", tower=str(folder), preprocess=preprocess, video=VideoOptions(num_frames=num_frames))
+        return config.media_options(vision)
+
+    with pytest.raises(UsageError, match="--num-frames 5 is not a multiple of 2: .* give 4 or 6"):
+        media(5)
+    assert media(6).video.num_frames == 6 and media(6).video.rule == "qwen"
+    assert media(5, "native").video.num_frames == 5  # native: the tower repeats the odd last frame
+
+
 def test_a_resume_with_other_preprocessing_is_refused(cli, tmp_path):
     media = tmp_path / "media"
     make_image(media / "a.png", 100, 150)

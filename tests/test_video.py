@@ -42,13 +42,47 @@ def test_min_frames_raises_a_short_video():
 
 def test_short_video_gets_all_its_frames_never_an_error():
     assert sample_frame_indices(3, 10.0, VideoOptions(fps=2.0, min_frames=4)) == [0, 1, 2]
-    assert sample_frame_indices(1, 30.0, VideoOptions(num_frames=16, max_frames=32)) == [0]
+    assert sample_frame_indices(1, 30.0, VideoOptions(num_frames=16)) == [0]
 
 
-def test_num_frames_overrides_fps_and_stays_bounded():
-    assert len(sample_frame_indices(1000, 25.0, VideoOptions(num_frames=8))) == 8
-    assert len(sample_frame_indices(1000, 25.0, VideoOptions(num_frames=64, max_frames=32))) == 32
-    assert len(sample_frame_indices(1000, 25.0, VideoOptions(num_frames=2, min_frames=4))) == 4
+def test_num_frames_is_exact_whatever_the_fps_rule_bounds_would_say():
+    # the fps rule's defaults are 4..32 frames; an explicit count is neither raised nor capped by them
+    for wanted in (1, 2, 3, 33, 64):
+        assert len(sample_frame_indices(1000, 25.0, VideoOptions(num_frames=wanted))) == wanted
+    assert len(sample_frame_indices(1000, 25.0, VideoOptions(num_frames=3).resolved(28))) == 3
+    assert sample_frame_indices(5, 25.0, VideoOptions(num_frames=8)) == [0, 1, 2, 3, 4]  # all the video has
+
+
+@pytest.mark.parametrize(
+    "given, named",
+    [
+        (dict(fps=1.0), "--fps"),
+        (dict(min_frames=2), "--min-frames"),
+        (dict(max_frames=8), "--max-frames"),
+        (dict(fps=1.0, max_frames=8), "--fps and --max-frames"),
+    ],
+)
+def test_num_frames_with_the_fps_rule_settings_is_refused(given, named):
+    from merge_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"--num-frames samples exactly 3 frames; {named} "):
+        VideoOptions(num_frames=3, **given)
+
+
+def test_qwen_rule_takes_num_frames_in_whole_temporal_patches():
+    from merge_cli.errors import UsageError
+
+    qwen = {"rule": "qwen", "frame_multiple": 2, "fps": 2.0, "min_frames": 4, "max_frames": 768, "max_pixels": 1,
+            "total_pixels": 1, "min_pixels": 1}
+    with pytest.raises(UsageError, match=r"--num-frames 3 is not a multiple of 2: .* give 2 or 4"):
+        VideoOptions(num_frames=3).resolved(28, qwen)
+    with pytest.raises(UsageError, match=r"give 2 \(or"):
+        VideoOptions(num_frames=1).resolved(28, qwen)
+    six = VideoOptions(num_frames=6).resolved(28, qwen)
+    assert (six.fps, six.min_frames, six.max_frames) == (None, None, None)  # not used, not hashed
+    assert len(sample_frame_indices(1000, 25.0, six)) == 6  # not bounded by qwen's 4..768 either
+    assert len(sample_frame_indices(5, 25.0, six)) == 4  # a shorter video: floored to whole patches
+    assert len(sample_frame_indices(1, 25.0, six)) == 1  # shorter than one patch: all it has
 
 
 def test_start_and_end_limit_the_range():
@@ -74,19 +108,22 @@ rates = st.sampled_from([1.0, 6.0, 10.0, 23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 
 
 @st.composite
 def video_options(draw):
+    if draw(st.booleans()):
+        return VideoOptions(num_frames=draw(st.integers(1, 100)))
     min_frames = draw(st.integers(1, 16))
     max_frames = draw(st.integers(min_frames, 64))
-    num_frames = draw(st.one_of(st.none(), st.integers(1, 100)))
     fps = draw(st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]))
-    return VideoOptions(fps=fps, num_frames=num_frames, min_frames=min_frames, max_frames=max_frames)
+    return VideoOptions(fps=fps, min_frames=min_frames, max_frames=max_frames)
 
 
 @settings(max_examples=300, deadline=None)
 @given(total=frame_counts, rate=rates, options=video_options())
 def test_indices_are_sorted_unique_in_range_and_counted(total, rate, options):
     indices = sample_frame_indices(total, rate, options)
-    wanted = options.num_frames if options.num_frames is not None else round(total / rate * options.fps)
-    expected = min(max(wanted, options.min_frames), options.max_frames, total)
+    if options.num_frames is not None:
+        expected = min(options.num_frames, total)
+    else:
+        expected = min(max(round(total / rate * options.fps), options.min_frames), options.max_frames, total)
     assert len(indices) == max(1, expected)
     assert indices == sorted(set(indices))
     assert 0 <= indices[0] and indices[-1] <= total - 1
@@ -175,7 +212,7 @@ def test_decord_fallback_when_pyav_fails_to_read(clip, monkeypatch):
 def test_pyav_seeks_in_a_long_video(tmp_path, monkeypatch):
     # 30 s at 4 fps: frames far apart are reached by seeking, then decoding forward
     path = make_video(tmp_path / "long.mp4", 120, 32, 48, fps=4)
-    options = MediaOptions(video=VideoOptions(num_frames=5, max_frames=5))
+    options = MediaOptions(video=VideoOptions(num_frames=5))
     with video.PyAVSource(path) as source:
         frames = source.read([0, 30, 59, 90, 119], (32, 48)).pixels
     assert frames.reshape(5, -1).mean(axis=1) == pytest.approx([frame_level(i) for i in (0, 30, 59, 90, 119)], abs=4)
@@ -216,7 +253,7 @@ def gop_clip(tmp_path):
 @pytest.mark.parametrize("num_frames", [1, 3, 8, 16, 40, 90])
 def test_exact_yields_the_named_frames_bit_for_bit(gop_clip, num_frames, monkeypatch):
     # sparse (one sample per GOP or fewer) to dense (several per GOP: one forward pass each GOP)
-    options = MediaOptions(video=VideoOptions(num_frames=num_frames, max_frames=90, min_frames=1))
+    options = MediaOptions(video=VideoOptions(num_frames=num_frames))
     monkeypatch.setattr(video, "DECODERS", (video.PyAVSource,))
     item = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
     assert isinstance(item, Item), item
@@ -238,7 +275,7 @@ def test_exact_in_open_gops_reads_the_frames_before_a_keyframe(tmp_path):
 
 
 def test_exact_with_codec_threads_gives_the_same_pixels(gop_clip):
-    indices = sample_frame_indices(90, 10.0, VideoOptions(num_frames=11, max_frames=90))
+    indices = sample_frame_indices(90, 10.0, VideoOptions(num_frames=11))
     with video.PyAVSource(gop_clip, threads=1) as one, video.PyAVSource(gop_clip, threads=3) as three:
         assert np.array_equal(one.read(indices, (56, 84)).pixels, three.read(indices, (56, 84)).pixels)
 
@@ -257,7 +294,7 @@ def test_exact_decodes_only_what_the_kept_frames_need(gop_clip):
 
 
 def test_keyframe_mode_stores_the_keyframes_it_used(gop_clip):
-    options = MediaOptions(video=VideoOptions(num_frames=7, max_frames=7, seek="keyframe"))
+    options = MediaOptions(video=VideoOptions(num_frames=7, seek="keyframe"))
     requested = sample_frame_indices(90, 10.0, options.video)
     item = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
     assert isinstance(item, Item), item
@@ -274,7 +311,7 @@ def test_keyframe_mode_stores_the_keyframes_it_used(gop_clip):
 
 
 def test_keyframe_mode_with_decord_uses_the_same_keyframes(gop_clip, monkeypatch):
-    options = MediaOptions(video=VideoOptions(num_frames=7, max_frames=7, seek="keyframe"))
+    options = MediaOptions(video=VideoOptions(num_frames=7, seek="keyframe"))
     expected = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
     monkeypatch.setattr(video, "DECODERS", (video.DecordSource,))
     item = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
@@ -285,7 +322,7 @@ def test_keyframe_mode_with_decord_uses_the_same_keyframes(gop_clip, monkeypatch
 def test_decord_exact_matches_decord_reading_every_frame(gop_clip, monkeypatch):
     import decord
 
-    options = MediaOptions(video=VideoOptions(num_frames=9, max_frames=9))
+    options = MediaOptions(video=VideoOptions(num_frames=9))
     monkeypatch.setattr(video, "DECODERS", (video.DecordSource,))
     item = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
     height, width = item.resized_hw
@@ -300,7 +337,7 @@ def test_a_video_in_memory_decodes_like_the_file(gop_clip, seek):
 
     from merge_cli.media.images import decode_video
 
-    options = MediaOptions(video=VideoOptions(num_frames=6, max_frames=6, seek=seek))
+    options = MediaOptions(video=VideoOptions(num_frames=6, seek=seek))
     from_file = decode_sample(Sample("gop.mp4", gop_clip, "video"), options)
     data = gop_clip.read_bytes()
     for source in (data, io.BytesIO(data)):
@@ -415,7 +452,7 @@ def test_start_past_the_end_is_an_error_record(clip):
 
 def test_gif_as_video(tmp_path):
     path = make_gif(tmp_path / "anim.gif", [20, 60, 100, 140, 180, 220], durations=[100, 100, 200, 200, 100, 100])
-    options = MediaOptions(video=VideoOptions(num_frames=6, max_frames=6))
+    options = MediaOptions(video=VideoOptions(num_frames=6))
     item = decode_sample(Sample("anim.gif", path, "video"), options)
     assert isinstance(item, Item), item
     assert item.decoder == "pillow" and item.kind == "video"
@@ -426,7 +463,7 @@ def test_gif_as_video(tmp_path):
 
 
 def test_plan_matches_decoding(clip):
-    for options in (MediaOptions(), MediaOptions(video=VideoOptions(num_frames=5, max_frames=5))):
+    for options in (MediaOptions(), MediaOptions(video=VideoOptions(num_frames=5))):
         item = decode_sample(Sample("clip.mp4", clip, "video"), options)
         height, width = item.resized_hw
         assert plan_sample(Sample("clip.mp4", clip, "video"), options) == (item.num_frames, height // 14, width // 14)

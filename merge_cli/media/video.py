@@ -79,16 +79,16 @@ def sample_frame_indices(total_frames: int, video_fps: float, options: VideoOpti
     """Indices of the frames to sample, evenly spread over the range, ascending and unique.
 
     The range is [ceil(start * fps), floor(end * fps)] clipped to the video (the whole video by
-    default). The count is `num_frames`, or else round(range duration * `options.fps`), clamped to
-    [min_frames, max_frames] and then to the frames the range has: a short video gets all its
-    frames, never an error. The indices are round(linspace(first, last, n)), as qwen-vl-utils
-    does. Under the `qwen` rule the count is qwen-vl-utils' own (`smart_nframes`: floored to a
-    multiple of the temporal patch, `processor.qwen_frame_count`).
+    default). The count is `num_frames` exactly, or else round(range duration * `options.fps`)
+    clamped to [min_frames, max_frames]; either is then capped by the frames the range has: a
+    short video gets all its frames, never an error. The indices are round(linspace(first, last,
+    n)), as qwen-vl-utils does. Under the `qwen` rule the count is qwen-vl-utils' own
+    (`smart_nframes`: floored to a multiple of the temporal patch, `processor.qwen_frame_count`).
     An empty list means the range holds no frame (e.g. a start past the end of the video).
     """
     if total_frames <= 0 or not video_fps > 0:
         return []
-    if options.min_frames is None or options.max_frames is None or (options.fps is None and options.num_frames is None):
+    if options.num_frames is None and (options.min_frames is None or options.max_frames is None or options.fps is None):
         options = options.resolved(28)  # unset counts take the native defaults (no pixel setting is read here)
     first, last = 0, total_frames - 1
     if options.start is not None:
@@ -98,28 +98,29 @@ def sample_frame_indices(total_frames: int, video_fps: float, options: VideoOpti
     if first > last:
         return []
     available = last - first + 1
-    assert options.min_frames is not None and options.max_frames is not None  # resolved in MediaOptions
     if options.rule == "qwen":
         wanted = _qwen_count(available, video_fps, options)
     elif options.num_frames is not None:
-        wanted = options.num_frames
+        wanted = min(options.num_frames, available)
     else:
-        assert options.fps is not None  # resolved in MediaOptions
+        assert options.fps is not None and options.min_frames is not None and options.max_frames is not None
         wanted = round(available / video_fps * options.fps)
-    if options.rule != "qwen":
         wanted = max(1, min(max(wanted, options.min_frames), options.max_frames, available))
     indices = np.round(np.linspace(first, last, wanted)).astype(np.int64)
     return sorted({int(index) for index in indices})
 
 
 def _qwen_count(available: int, video_fps: float, options: VideoOptions) -> int:
-    """qwen-vl-utils' frame count: `num_frames` rounded to the temporal patch, or its fps rule."""
+    """qwen-vl-utils' frame count: `num_frames` (a multiple of the temporal patch, checked in
+    VideoOptions) capped by the range as its fps rule is (floored to the multiple; a range shorter
+    than one temporal patch gives all its frames), or its fps rule."""
     from merge_cli.media.processor import qwen_frame_count
 
     multiple = options.frame_multiple
     if options.num_frames is not None:
-        count = round(options.num_frames / multiple) * multiple
-        return max(1, min(count if count >= multiple else multiple, available))
+        if options.num_frames <= available:
+            return options.num_frames
+        return available // multiple * multiple or available
     assert options.fps is not None and options.min_frames is not None and options.max_frames is not None
     return qwen_frame_count(available, video_fps, options.fps, options.min_frames, options.max_frames, multiple)
 
