@@ -6,11 +6,13 @@ settings that change the numbers are hashed into the output's `config_hash`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from merge_cli.errors import UsageError
 from merge_cli.media.grid import PREPROCESS_MODES, ResizePolicy
+from merge_cli.records import printable
 
 if TYPE_CHECKING:
     from merge_cli.media.processor import CheckpointVision
@@ -74,6 +76,8 @@ class VideoOptions:
     def __post_init__(self) -> None:
         if self.seek not in VIDEO_SEEK_MODES:
             raise UsageError(f"--video-seek must be one of {', '.join(VIDEO_SEEK_MODES)}; got {self.seek!r}")
+        for option, value in (("--fps", self.fps), ("--video-start", self.start), ("--video-end", self.end)):
+            require_finite(option, value)
         if self.fps is not None and self.fps <= 0:
             raise UsageError(f"--fps must be positive; got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
@@ -209,12 +213,22 @@ def spare_decode_threads(workers: int) -> int:
     return max(1, cores // (workers * local_ranks))
 
 
+def require_finite(option: str, value: float | None) -> None:
+    """Refuse NaN and infinities: every comparison with NaN is false, so later range checks would
+    let it through and each video would fail on its own instead of the run refusing to start."""
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number; got {value}")
+
+
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 TEMPORAL_POSITIONS = ("index", "spread")
 OUTPUT_KINDS = ("projected", "merged")
 BATCHING_MODES = ("pack", "bucket")
 RESUME_MODES = ("auto", "resume", "overwrite")
 DEFAULT_SHARD_BYTES = 2 * 10**9
+MAX_LLM_DIM = 1 << 16
+"""Widest --llm-dim accepted: 4x the widest LLM hidden size in use; more means nothing and would
+only allocate a projector of that width."""
 
 
 def parse_byte_size(text: str) -> int:
@@ -223,10 +237,13 @@ def parse_byte_size(text: str) -> int:
 
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
     if match is None:
-        raise UsageError(f"expected a size in bytes such as 2GB, 512MiB or 1000000; got {text!r}")
+        raise UsageError(f"expected a size in bytes such as 2GB, 512MiB or 1000000; got {printable(text, 60)!r}")
     number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
     power = " KMGT".index(unit) if unit else 0
-    value = int(number * (1024 if binary else 1000) ** power)
+    scaled = number * (1024 if binary else 1000) ** power
+    if not scaled < 2**63:  # also catches a number of hundreds of digits, which is inf as a float
+        raise UsageError(f"a size must be below 8 EiB; got {printable(text, 60)}")
+    value = int(scaled)
     if value < 1:
         raise UsageError(f"a size must be at least one byte; got {text!r}")
     return value
@@ -336,6 +353,11 @@ class ExtractConfig:
             raise UsageError(f"--unit-size must be at least 1; got {self.unit_size}")
         if self.workers < 0:
             raise UsageError(f"--workers must not be negative; got {self.workers}")
+        require_finite("--projector-eps", self.projector_eps)
+        if self.projector_eps <= 0:
+            raise UsageError(f"--projector-eps must be positive; got {self.projector_eps}")
+        if self.llm_dim is not None and not 1 <= self.llm_dim <= MAX_LLM_DIM:
+            raise UsageError(f"--llm-dim must be in 1..{MAX_LLM_DIM:,}; got {printable(self.llm_dim, 60)}")
         if self.projector and self.random_projector:
             raise UsageError("give either --projector or --random-projector, not both")
         if self.output == "projected" and not (self.projector or self.random_projector):

@@ -6,6 +6,7 @@ sources -> Sample -> media -> Item | Failure -> tower + merger -> Features | Fai
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,8 +29,6 @@ def media_kind(path: Path | str) -> MediaKind | None:
     return None
 
 
-
-
 def escape_text(text: str) -> str:
     """Make `text` valid UTF-8: undecodable file-name bytes become backslash escapes.
 
@@ -41,6 +40,31 @@ def escape_text(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that did not come from a file name (e.g. JSON "\ud800")
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# C0 and C1 controls (ESC starts ANSI/OSC sequences, CR rewrites a line), DEL, the Unicode line
+# separators, and the bidirectional overrides/isolates that reorder what a terminal shows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped_char(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, limit: int | None = None) -> str:
+    """`text` from a file or an input, safe to print for a human: valid UTF-8 (see escape_text),
+    control characters written as backslash escapes (`\\x1b`, `\\x0a`), so that a file name cannot
+    move the cursor or retitle the terminal, and, given `limit`, cut after that many characters
+    with the full length said. JSON output keeps the exact text; this is for terminals only."""
+    text = str(text)
+    length = len(text)
+    if limit is not None and length > limit:
+        text = text[:limit]  # cut first: escaping a 50 MB attribute to show 200 characters is waste
+    text = _UNPRINTABLE.sub(_escaped_char, escape_text(text))
+    if limit is not None and length > limit:
+        text += f"... ({length:,} characters)"
+    return text
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,20 @@ def png_header(path: Path, height: int, width: int) -> Path:
     return path
 
 
+def with_trailing_exif(path: Path, orientation: int) -> Path:
+    """Insert an eXIf chunk with this orientation just before a PNG's IEND, after the image data:
+    where Pillow finds it only by decoding every pixel (in place)."""
+    import struct
+    import zlib
+
+    tiff = exif_orientation(orientation).tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    data = path.read_bytes()
+    end = data.rindex(b"IEND") - 4  # the IEND chunk starts with its 4-byte length
+    path.write_bytes(data[:end] + chunk + data[end:])
+    return path
+
+
 def truncate(path: Path, fraction: float = 0.5, target: Path | None = None) -> Path:
     """Keep the first `fraction` of the file's bytes (in place, or written to `target`)."""
     data = path.read_bytes()

@@ -6,6 +6,8 @@ decoding, e.g. for balancing work across ranks.
 
 from __future__ import annotations
 
+import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,9 +76,57 @@ def pillow_limit_lifted() -> Iterator[None]:
 
 
 def image_orientation(image) -> int:
-    """The EXIF orientation (1..8) of an opened Pillow image; 1 when it has none."""
-    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    """The EXIF orientation (1..8) of an opened Pillow image; 1 when it has none. Reads headers only."""
+    exif = _png_header_exif(image) if image.format == "PNG" and "exif" not in image.info else image.getexif()
+    orientation = exif.get(_EXIF_ORIENTATION_TAG, 1)
     return orientation if orientation in range(1, 9) else 1
+
+
+# A chunk header is 12 bytes: this many chunks is hundreds of MB of nothing but headers.
+_MAX_PNG_CHUNKS = 1 << 20
+
+
+def _png_header_exif(image):
+    """A PNG's EXIF from its chunk headers, never by decoding.
+
+    A PNG may put its eXIf chunk after the image data, which Pillow's `getexif()` reaches by
+    decoding every pixel (916 MB for a 30000x30000 image, for one number). The chunks are walked
+    here, their data skipped with seeks; an eXIf found is stored as Pillow's own chunk reader
+    stores it, and the base class's `getexif` (which never decodes) reads it with the other
+    header sources of orientation (text profiles, XMP).
+    """
+    from PIL import Image
+
+    data = _png_exif_chunk(image.fp)
+    if data is not None:
+        image.info["exif"] = b"Exif\x00\x00" + data
+    return Image.Image.getexif(image)
+
+
+def _png_exif_chunk(fp) -> bytes | None:
+    """The data of the eXIf chunk of the PNG open in `fp`, or None; `fp`'s position is kept."""
+    try:
+        position = fp.tell()
+    except (AttributeError, OSError, ValueError):  # no file (decoded and closed) or not seekable
+        return None
+    try:
+        fp.seek(8)  # past the signature
+        for _ in range(_MAX_PNG_CHUNKS):
+            header = fp.read(8)
+            if len(header) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                data = fp.read(length)
+                return data if len(data) == length else None
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
+        return None
+    except (OSError, ValueError):
+        return None
+    finally:
+        fp.seek(position)
 
 
 def transposes(orientation: int) -> bool:

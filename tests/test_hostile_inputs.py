@@ -1,0 +1,123 @@
+"""Hostile inputs (issue 16): arguments, files and checkpoints built to hang, exhaust memory or
+garble the terminal. Each gives one clear line or a bounded answer, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from media_factory import make_image, make_video, png_header, with_trailing_exif
+
+CPU = ["--device", "cpu", "--dtype", "fp32", "--workers", "0"]
+MERGE_CLI = [sys.executable, "-m", "merge_cli"]
+
+
+def _one_error_line(result) -> str:
+    """The whole of stderr is one `merge-cli: error:` line: no traceback, no progress."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("merge-cli: error: "), lines[0][:500]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _limited(megabytes: int):
+    """A preexec_fn capping the child's data segment (heap and anonymous maps): a case that
+    allocates what it should not fails in the child instead of taking the machine down."""
+
+    def limit() -> None:
+        import resource
+
+        cap = megabytes * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+    return limit
+
+
+# -- options that cannot mean anything --------------------------------------------------------------
+
+
+@pytest.fixture
+def clip(tmp_path) -> Path:
+    return make_video(tmp_path / "media" / "clip.mp4", 12, 56, 84, fps=6)
+
+
+@pytest.mark.parametrize("option", ["--fps", "--video-start", "--video-end"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_video_options_refuse_the_run(cli, clip, tmp_path, option, value):
+    # NaN passes every `<= 0` check; before, each video became an error record and the run exit 3
+    out = tmp_path / "feats.h5"
+    result = cli("extract", "--input", str(clip), "--out", str(out), option, value, *CPU)
+    assert result.exit_code == 1, result.output
+    assert f"{option} must be a finite number" in _one_error_line(result)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1e-6"])
+def test_projector_eps_must_be_a_positive_finite_number(cli, clip, tmp_path, value):
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--random-projector",
+                 "--projector-eps", value, *CPU)
+    assert result.exit_code == 1, result.output
+    assert "--projector-eps must be" in _one_error_line(result)
+
+
+def test_video_options_refuse_non_finite_values_in_the_api():
+    from merge_cli.config import VideoOptions
+    from merge_cli.errors import UsageError
+
+    for field in ("fps", "start", "end"):
+        with pytest.raises(UsageError, match="finite"):
+            VideoOptions(**{field: float("nan")})
+
+
+def test_a_shard_size_of_hundreds_of_digits_is_one_line(cli, clip, tmp_path):
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--shard-size", "9" * 400 + "GB", *CPU)
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "a size must be below 8 EiB" in line and len(line) < 300
+
+
+def test_an_absurd_llm_dim_is_refused_before_allocating(cli, clip, tmp_path):
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--random-projector",
+                 "--llm-dim", str(10**30), *CPU)
+    assert result.exit_code == 1
+    assert "--llm-dim must be in 1..65,536" in _one_error_line(result)
+
+
+# -- header probes read headers only ----------------------------------------------------------------
+
+
+def test_check_grid_of_a_huge_png_reads_its_exif_without_decoding(tmp_path):
+    """EXIF after the image data: Pillow's getexif() decoded all 600 million pixels to find it.
+    The child may use 300 MB of heap; decoding this image would take 600 MB."""
+    path = with_trailing_exif(png_header(tmp_path / "huge.png", 20_000, 30_000), 6)
+    done = subprocess.run([*MERGE_CLI, "check-grid", str(path), "--json"], capture_output=True, text=True,
+                          timeout=120, preexec_fn=_limited(300))
+    assert done.returncode == 1, done.stderr[-2000:]  # answered: 30000x20000 is not a valid grid
+    report = json.loads(done.stdout)
+    assert report["source"] == "image" and report["size"] == [30_000, 20_000]  # orientation 6: turned
+
+
+def test_exif_after_the_image_data_still_turns_the_decoded_image(tmp_path):
+    """The header walk finds what decoding finds: probe, plan and decoded pixels agree."""
+    import numpy as np
+    from PIL import Image
+
+    from merge_cli.config import MediaOptions
+    from merge_cli.media.images import decode_sample, plan_sample
+    from merge_cli.media.probe import probe_media
+    from merge_cli.records import Sample
+
+    path = with_trailing_exif(make_image(tmp_path / "a.png", 56, 112), 6)
+    info = probe_media(path)
+    assert (info.height, info.width) == (112, 56)
+    sample = Sample("a.png", path, "image")
+    item = decode_sample(sample, MediaOptions())
+    assert item.orig_hw == (112, 56) == item.resized_hw
+    assert plan_sample(sample, MediaOptions()) == (1, 8, 4)
+    with Image.open(path) as image:
+        upright = np.asarray(image.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    assert np.array_equal(item.pixels[0].permute(1, 2, 0).numpy(), upright)
