@@ -3,9 +3,11 @@ refusals. Each test drives the CLI the way a user would and checks the one line 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from media_factory import make_image, make_video
 
@@ -181,3 +183,93 @@ def _help_text(cli, *command: str) -> str:
 def test_help_says_num_frames_is_exact(cli):
     text = _help_text(cli, "extract")
     assert "Sample exactly N frames per video" in text and "not with --fps, --min-frames or --max-frames" in text
+
+
+# -- item 7: a manifest resolved against the wrong folder stops before any work ----------------------
+
+
+def _llava(path: Path, image_paths: list[str]) -> Path:
+    records = [{"id": str(i), "image": image, "conversations": []} for i, image in enumerate(image_paths)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _random_names(count: int) -> list[str]:
+    rng = np.random.default_rng(np.random.randint(2**31))
+    return [f"coco/{rng.integers(10**8):08d}_{i}.jpg" for i in range(count)]
+
+
+def test_llava_json_without_media_root_is_one_line_naming_it(cli, tmp_path):
+    names = _random_names(int(np.random.randint(20, 150)))
+    for name in names:
+        make_image(tmp_path / "data" / "images" / name, 30, 40)
+    manifest = _llava(tmp_path / "data" / "json" / "llava.json", names)
+    out = tmp_path / "feats.h5"
+    result = cli("extract", "--input", str(manifest), "--out", str(out), *CPU)
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    checked = min(len(names), 100)
+    assert f"{checked} of the first {checked} relative paths in {manifest}" in line
+    assert f"do not exist under the manifest's folder {manifest.parent}" in line
+    assert "give the folder they are relative to with --media-root" in line
+    assert not out.exists() and not Path(f"{out}.d").exists()  # nothing written, no lock folder left
+    # in --json runs the same refusal is the JSON error object
+    refused = json.loads(cli("extract", "--input", str(manifest), "--out", str(out), *CPU, "--json").stdout)
+    assert refused["exit_code"] == 1 and "--media-root" in refused["error"]
+
+
+def test_the_refusal_names_a_folder_above_that_holds_them(cli, tmp_path):
+    names = _random_names(12)
+    for name in names:
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(b"")  # never decoded: the run stops first
+    manifest = _llava(tmp_path / "data" / "json" / "llava.json", names)
+    result = cli("extract", "--input", str(manifest), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 1
+    assert f"they are under {tmp_path / 'data'}: --media-root {tmp_path / 'data'}" in _one_error_line(result)
+    wrong = cli("extract", "--input", str(manifest), "--media-root", str(tmp_path), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert wrong.exit_code == 1
+    assert f"do not exist under --media-root {tmp_path} (e.g. {names[0]!r}): is it the folder" in _one_error_line(wrong)
+
+
+def test_with_media_root_or_a_few_missing_the_run_goes_on(cli, tmp_path):
+    names = _random_names(10)
+    for name in names:
+        make_image(tmp_path / "images" / name, 30, 40)
+    missing = ["coco/gone_1.jpg", "coco/gone_2.jpg"]
+    manifest = _llava(tmp_path / "json" / "llava.json", names[:5] + missing + names[5:])
+    result = cli("extract", "--input", str(manifest), "--media-root", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "f.h5"), *CPU, "--json")
+    assert result.exit_code == 3, result.output  # the missing ones are error records, as before
+    summary = json.loads(result.stdout)
+    assert (summary["written"], summary["failed"]) == (10, 2)
+    assert {f["key"] for f in summary["failures"]} == set(missing)
+
+
+def test_only_the_head_of_a_manifest_is_checked(tmp_path, monkeypatch):
+    from merge_cli.errors import UsageError
+    from merge_cli.inputs import sources
+
+    present = _random_names(sources.ROOT_CHECK_PATHS)
+    for name in present:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    later = [f"late/{i}.jpg" for i in range(5000)]  # missing, but past the checked head
+    for suffix in (".json", ".txt", ".jsonl"):
+        manifest = tmp_path / f"m{suffix}"
+        if suffix == ".json":
+            _llava(manifest, present + later)
+        elif suffix == ".txt":
+            manifest.write_text("\n".join(present + later) + "\n")
+        else:
+            manifest.write_text("".join(json.dumps({"image": name}) + "\n" for name in present + later))
+        calls = []
+        real = os.path.lexists
+        monkeypatch.setattr(os.path, "lexists", lambda path: calls.append(path) or real(path))
+        sources.check_manifest_root(manifest, tmp_path, media_root_given=False)  # no refusal
+        monkeypatch.undo()
+        assert len(calls) == sources.ROOT_CHECK_PATHS, suffix
+    with pytest.raises(UsageError, match="100 of the first 100 relative paths"):
+        manifest.write_text("".join(json.dumps({"image": name}) + "\n" for name in later + present))
+        sources.check_manifest_root(manifest, tmp_path, media_root_given=False)

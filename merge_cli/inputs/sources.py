@@ -95,13 +95,16 @@ def stream_units(
     gif_as_video: bool = False,
     stats: ListingStats | None = None,
     columns: ParquetColumns | None = None,
+    check_roots: bool = False,
 ) -> Iterator[Unit]:
     """The inputs as a stream of work units (see merge_cli/inputs/units.py), never held whole.
-    Input paths are checked before the first unit; a manifest is read as the stream reaches it."""
+    Input paths are checked before the first unit (with `check_roots`, also the first paths of
+    each manifest: `check_manifest_root`); a manifest is read as the stream reaches it."""
     from merge_cli.inputs.units import iter_units
 
     listing = make_listing(
-        inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats(), columns=columns
+        inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats(), columns=columns,
+        check_roots=check_roots,
     )
     return iter_units(listing, unit_size)
 
@@ -113,6 +116,7 @@ def make_listing(
     gif_as_video: bool,
     stats: ListingStats,
     columns: ParquetColumns | None = None,
+    check_roots: bool = False,
 ) -> Callable[[], Iterator[Listed | WholeUnit]]:
     """Check the inputs now; return a function that starts the listing (again) from the top."""
     root = None
@@ -137,6 +141,8 @@ def make_listing(
             if not os.access(path, os.R_OK):
                 raise UsageError(f"cannot read manifest {path}: Permission denied")
             plan.append(("manifest", path, root if root is not None else path.parent, ""))
+            if check_roots:
+                check_manifest_root(path, root if root is not None else path.parent, media_root_given=root is not None)
         elif media_kind(path) is not None:
             base = root if root is not None and _is_inside(path, root) else path.parent
             plan.append(("file", path, base, f"--input {raw}"))
@@ -365,3 +371,91 @@ def _record_paths(record: object, location: str) -> Iterator[tuple[str, str]]:
             if not isinstance(item, str):
                 raise UsageError(f"{location}: {name!r} must be a path or a list of paths; got {item!r}")
             yield location, item
+
+
+# --- a manifest resolved against the wrong folder --------------------------------------------------
+
+ROOT_CHECK_PATHS = 100
+"""Relative paths at the head of a manifest checked for existence before a run starts."""
+_JSON_HEAD_BYTES = 1 << 20
+"""How much of a LLaVA .json the check reads (it is parsed whole only once, by the listing)."""
+
+
+def check_manifest_root(manifest: Path, root: Path, *, media_root_given: bool) -> None:
+    """Refuse a manifest whose relative paths mostly do not exist under the folder they resolve
+    against, suggesting --media-root: a LLaVA JSON names paths relative to an image folder, not to
+    the JSON's own folder, and without this every input would become an error record.
+
+    Only the first `ROOT_CHECK_PATHS` relative paths are looked at (a few stat calls, whatever the
+    manifest's size), so that a listing of any length still starts at once. A manifest with a few
+    missing files is not refused: those become error records as before. Absolute paths say
+    nothing about the root and are not counted.
+    """
+    relative = [text for _, text in _manifest_head(manifest) if not os.path.isabs(text)]
+    missing = [text for text in relative if not os.path.lexists(root / text)]
+    if not relative or 2 * len(missing) <= len(relative):
+        return
+    counted = f"{len(missing)} of the first {len(relative)} relative paths in {escape_text(str(manifest))}"
+    example = escape_text(missing[0])
+    found = _folder_holding(missing, root)
+    hint = f"; they are under {escape_text(str(found))}: --media-root {escape_text(str(found))}" if found else ""
+    if media_root_given:
+        raise UsageError(
+            f"{counted} do not exist under --media-root {escape_text(str(root))} (e.g. {example!r}): "
+            f"is it the folder they are relative to?{hint}"
+        )
+    raise UsageError(
+        f"{counted} do not exist under the manifest's folder {escape_text(str(root))} (e.g. {example!r}); "
+        f"give the folder they are relative to with --media-root{hint}"
+    )
+
+
+def _folder_holding(missing: Sequence[str], root: Path) -> Path | None:
+    """The working folder or a folder above the root where most of the missing paths exist."""
+    probe = missing[:10]
+    for folder in (_absolute(Path.cwd()), *list(root.parents)[:3]):
+        if folder != root and 2 * sum(os.path.lexists(folder / text) for text in probe) > len(probe):
+            return folder
+    return None
+
+
+def _manifest_head(manifest: Path) -> Iterator[tuple[str, str]]:
+    """The first `ROOT_CHECK_PATHS` (location, path text) of a manifest, without reading it all: a
+    LLaVA .json is decoded record by record from its first MiB (fewer paths when records are huge)."""
+    from contextlib import closing
+    from itertools import islice
+
+    if manifest.suffix.lower() != ".json":
+        with closing(_manifest_entries(manifest)) as entries:
+            yield from islice(entries, ROOT_CHECK_PATHS)
+        return
+    try:
+        with open(manifest, "rb") as handle:
+            text = handle.read(_JSON_HEAD_BYTES).decode("utf-8-sig", errors="ignore")
+    except OSError as error:
+        raise UsageError(f"cannot read manifest {manifest}: {error.strerror}") from error
+    paths = (path for number, record in enumerate(_json_list_head(text)) for path in _record_paths(record, f"{manifest.name} record {number}"))
+    yield from islice(paths, ROOT_CHECK_PATHS)
+
+
+def _json_list_head(text: str) -> Iterator[object]:
+    """The complete records at the start of a JSON list held in `text` (the head of a file); stops
+    quietly at the first thing it cannot decode (the listing's own parse reports real errors)."""
+    import re
+
+    space = re.compile(r"\s*")
+    decoder = json.JSONDecoder()
+    position = space.match(text).end()  # type: ignore[union-attr]
+    if not text.startswith("[", position):
+        return
+    position = space.match(text, position + 1).end()  # type: ignore[union-attr]
+    while position < len(text) and text[position] != "]":
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return
+        yield record
+        position = space.match(text, position).end()  # type: ignore[union-attr]
+        if not text.startswith(",", position):
+            return
+        position = space.match(text, position + 1).end()  # type: ignore[union-attr]

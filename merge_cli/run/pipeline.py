@@ -124,12 +124,27 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
     dist = DistContext.detect(config.rank, config.world_size)
     device = resolve_device(dist.device_name(config.device))
     dist.setup(device.type)
+    from merge_cli.output.format import shard_dir
+
+    shards = shard_dir(Path(config.out))
+    new_output = not shards.exists()
     held = claim_output(Path(config.out), dist)  # before any temporary is touched
     try:
         return _run_claimed(config, reporter, dist, device, started)
     finally:
         for lock in reversed(held):
             lock.release()
+        if new_output:
+            _remove_if_empty(shards)  # a run refused before writing leaves nothing, not even the lock folder
+
+
+def _remove_if_empty(folder: Path) -> None:
+    import os
+
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # not empty (shards were written, or another rank's lock is there), or already gone
 
 
 def claim_output(out: Path, dist: DistContext) -> list:
@@ -174,7 +189,19 @@ def _run_claimed(
     store_dtype = config.store_dtype or compute_dtype
     out = Path(config.out)
 
-    models = build_models(config)  # first: a bad checkpoint fails before any input is listed
+    stats = ListingStats()
+    # The inputs are checked now (cheap: paths, Parquet schemas, manifest roots), before the tower
+    # loads and before --overwrite removes anything; they are listed only as the work goes.
+    units = stream_units(
+        [Path(p) for p in config.inputs],
+        Path(config.media_root) if config.media_root else None,
+        unit_size=config.unit_size,
+        gif_as_video=config.gif_as_video,
+        stats=stats,
+        columns=ParquetColumns(config.image_column, config.video_column, config.key_column),
+        check_roots=True,
+    )
+    models = build_models(config)  # before any input is listed or decoded
     tower = models.tower
     media = config.media_options(_checkpoint_vision(config, tower))
     attrs = output_attrs(config, models, media, compute_dtype, store_dtype)
@@ -186,15 +213,6 @@ def _run_claimed(
         reporter.warn(f"--output merged stores tower features before the projector: {config.projector} is not used")
     scan = _scan_output(config, out, attrs, dist)
     plan = UnitPlan(scan, out, retry_failed=config.retry_failed, warn=reporter.warn)
-    stats = ListingStats()
-    units = stream_units(
-        [Path(p) for p in config.inputs],
-        Path(config.media_root) if config.media_root else None,
-        unit_size=config.unit_size,
-        gif_as_video=config.gif_as_video,
-        stats=stats,
-        columns=ParquetColumns(config.image_column, config.video_column, config.key_column),
-    )
     feed = WorkFeed(units, unit_claims(dist), plan, on_total=reporter.set_total)
 
     summary = RunSummary(
