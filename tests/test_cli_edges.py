@@ -273,3 +273,12 @@ def test_only_the_head_of_a_manifest_is_checked(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="100 of the first 100 relative paths"):
         manifest.write_text("".join(json.dumps({"image": name}) + "\n" for name in later + present))
         sources.check_manifest_root(manifest, tmp_path, media_root_given=False)
+
+
+def test_overwrite_with_a_bad_input_keeps_the_existing_output(cli, media, tmp_path):
+    out = tmp_path / "feats.h5"
+    assert cli("extract", "--input", str(media), "--out", str(out), *CPU, "--json").exit_code == 0
+    before = sorted(p.name for p in Path(f"{out}.d").iterdir())
+    result = cli("extract", "--input", str(tmp_path / "nowhere"), "--out", str(out), "--overwrite", *CPU)
+    assert result.exit_code == 1 and "no such file or directory" in _one_error_line(result)
+    assert out.exists() and sorted(p.name for p in Path(f"{out}.d").iterdir()) == before
