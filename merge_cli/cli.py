@@ -142,7 +142,7 @@ def check_grid(
             fail("give either a size/file or --tokens, not both", 2, json_output)
         if tokens < 1:
             fail(f"--tokens must be a positive number of tokens; got {tokens}", 2, json_output)
-        report = grid.describe_tokens(tokens, patch_size or grid.DEFAULT_PATCH_SIZE, merge_size)
+        report = run_core(lambda: grid.describe_tokens(tokens, patch_size or grid.DEFAULT_PATCH_SIZE, merge_size), json_output)
     else:
         if target is None:
             fail("give a size HxW (e.g. 252x448), an image or video file, or --tokens N", 2, json_output)
@@ -170,15 +170,17 @@ class _GridSettings(NamedTuple):
 def _describe_target(target: str, settings: _GridSettings) -> dict:
     from merge_cli.errors import MediaError, UsageError
     from merge_cli.media import grid
+    from merge_cli.records import printable
 
     path = Path(target)
     source = "size"
-    if path.exists() or not grid.looks_like_size(target):
+    exists = _exists(path)
+    if exists or not grid.looks_like_size(target):
         from merge_cli.media.probe import probe_media
         from merge_cli.records import media_kind
 
-        if not path.exists():
-            raise UsageError(f"{target!r} is neither a size HxW (e.g. 252x448) nor an existing file")
+        if not exists:
+            raise UsageError(f"{printable(target, 60)!r} is neither a size HxW (e.g. 252x448) nor an existing file")
         if media_kind(path) is None:
             raise UsageError(f"{target}: not a recognized image or video file")
         try:
@@ -203,6 +205,14 @@ def _describe_target(target: str, settings: _GridSettings) -> dict:
     policy = grid.ResizePolicy(patch_size, settings.merge_size, min_pixels, max_pixels, fixed)
     report.update(grid.describe_size(height, width, policy))
     return report
+
+
+def _exists(path: Path) -> bool:
+    """Whether a file or folder is there; False for a name the system refuses (too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _describe_with_tower(target, path, source, height, width, fixed, settings: _GridSettings, report: dict) -> dict:
@@ -755,6 +765,8 @@ def index_command(
     separate --rank/--world-size jobs)."""
     from merge_cli.output.index import build_index
 
+    if out.is_dir():  # an empty argument included: Path("") is the current folder
+        fail(f"{out}: is a folder, not a merge-cli output (give the .h5 file)", 2, json_output)
     summary = run_core(lambda: build_index(out), json_output)
     if json_output:
         print_json(summary)

@@ -331,6 +331,8 @@ class ExtractConfig:
             )
         if not self.inputs:
             raise UsageError("give at least one --input")
+        if not self.out.strip():
+            raise UsageError("--out must name a file, e.g. feats.h5; got an empty name")
         for option, value in (
             ("--image-column", self.image_column),
             ("--video-column", self.video_column),

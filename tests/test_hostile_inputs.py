@@ -20,7 +20,7 @@ def _one_error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith("merge-cli: error: "), lines[0][:500]
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.stdout + result.stderr
     return lines[0]
 
 
@@ -121,3 +121,58 @@ def test_exif_after_the_image_data_still_turns_the_decoded_image(tmp_path):
     with Image.open(path) as image:
         upright = np.asarray(image.convert("RGB").transpose(Image.Transpose.ROTATE_270))
     assert np.array_equal(item.pixels[0].permute(1, 2, 0).numpy(), upright)
+
+
+# -- numbers too large to mean anything, arguments too long to echo --------------------------------
+
+
+def test_check_grid_of_an_astronomical_token_count_answers_at_once():
+    # the factor search took sqrt(N) steps: 10**15 of them
+    done = subprocess.run([*MERGE_CLI, "check-grid", "--tokens", str(10**30)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--tokens must be at most 1,099,511,627,776; got a number of 31 digits" in _one_error_line(done)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["1x" + "7" * 5000], "is too large: each side is at most 1,048,576 pixels"),
+        (["2000000x28"], "size 2000000x28 is too large"),
+        (["28x28", "--max-pixels", str(10**400)], "max_pixels must be at most 1,099,511,627,776"),
+        (["28x28", "--min-pixels", str(10**30)], "min_pixels must be at most"),
+        (["28x28", "--patch-size", str(10**30)], "the patch size must be at most 1,048,576"),
+        (["28x28", "--merge-size", str(10**30)], "the merge size must be at most 1,048,576"),
+        (["--tokens", "64", "--merge-size", str(10**30)], "--merge-size must be at most 1,048,576"),
+        (["9" * 100_000], "(100,000 characters)' is neither a size HxW"),
+        ([str(10**400) + "x28"], "is too large"),  # a file name too long for the system to look up
+    ],
+)
+@pytest.mark.parametrize("json_output", [False, True])
+def test_check_grid_refuses_absurd_numbers_in_one_short_line(cli, args, message, json_output):
+    result = cli("check-grid", *args, *(["--json"] if json_output else []))
+    assert result.exit_code == 2, result.output[-2000:]
+    if json_output:
+        error = json.loads(result.stdout)
+        assert error["exit_code"] == 2 and message in error["error"] and len(error["error"]) < 300
+    else:
+        line = _one_error_line(result)
+        assert message in line and len(line) < 300
+
+
+def test_the_largest_accepted_side_still_gets_an_answer(cli):
+    result = cli("check-grid", "1048576x28", "--json")
+    assert result.exit_code == 1  # not a whole number of patches: answered, not refused
+    assert json.loads(result.stdout)["size"] == [1_048_576, 28]
+
+
+def test_an_empty_out_is_one_line(cli, clip):
+    result = cli("extract", "--input", str(clip), "--out", "", *CPU)
+    assert result.exit_code == 1
+    assert "--out must name a file, e.g. feats.h5; got an empty name" in _one_error_line(result)
+
+
+def test_index_of_an_empty_path_is_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("index", "")
+    assert result.exit_code == 2
+    assert "is a folder, not a merge-cli output" in _one_error_line(result)

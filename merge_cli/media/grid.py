@@ -12,12 +12,17 @@ import re
 from dataclasses import asdict, dataclass
 
 from merge_cli.errors import GridError, UsageError
+from merge_cli.records import printable
 
 DEFAULT_PATCH_SIZE = 14
 DEFAULT_MERGE_SIZE = 2
 MAX_ASPECT_RATIO = 200.0
-
-
+MAX_SIDE = 1 << 20
+"""The largest side (pixels), patch or merge size any size here may have: 1,048,576, some 30x the
+longest side of a real photo. A larger number means nothing, and some would cost without end (a
+token count's factor search, float overflow in the resize rule)."""
+MAX_PIXELS = MAX_SIDE**2
+"""The largest pixel budget (--min-pixels, --max-pixels) or token count (--tokens) accepted."""
 
 class TooSmallError(GridError):
     """A source with a side shorter than one merge window: refused by every resize rule."""
@@ -27,14 +32,25 @@ _SIZE_PATTERN = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*$")
 
 
 def parse_hw(text: str) -> tuple[int, int]:
-    """Parse `HxW` (height first, e.g. `252x448`) into positive integers."""
+    """Parse `HxW` (height first, e.g. `252x448`) into positive integers of at most MAX_SIDE."""
     match = _SIZE_PATTERN.match(text)
     if match is None:
-        raise UsageError(f"expected a size written HxW (height x width), e.g. 252x448; got {text!r}")
+        raise UsageError(f"expected a size written HxW (height x width), e.g. 252x448; got {printable(text, 60)!r}")
+    # Digits counted before int(), which refuses thousands of them with a traceback-worthy message.
+    if any(len(side.lstrip("-0")) > len(str(MAX_SIDE)) or int(side) > MAX_SIDE for side in match.groups()):
+        raise UsageError(f"size {printable(text.strip(), 60)} is too large: each side is at most {MAX_SIDE:,} pixels")
     height, width = int(match.group(1)), int(match.group(2))
     if height <= 0 or width <= 0:
         raise UsageError(f"both sides of a size must be positive; got {height}x{width}")
     return height, width
+
+
+def require_at_most(what: str, value: int, limit: int) -> None:
+    """UsageError, in one short line, for a number too large to mean anything."""
+    if value > limit:
+        digits = len(str(value)) if value.bit_length() < 10_000 else "thousands of"
+        shown = f"{value:,}" if value.bit_length() <= 64 else f"a number of {digits} digits"
+        raise UsageError(f"{what} must be at most {limit:,}; got {shown}")
 
 
 def looks_like_size(text: str) -> bool:
@@ -209,6 +225,12 @@ class ResizePolicy:
             raise UsageError(f"patch size must be positive; got {self.patch_size}")
         if self.merge_size < 1:
             raise UsageError(f"merge size must be positive; got {self.merge_size}")
+        require_at_most("the patch size", self.patch_size, MAX_SIDE)
+        require_at_most("the merge size", self.merge_size, MAX_SIDE)
+        require_at_most("the merge factor (patch size x merge size)", self.factor, MAX_SIDE)
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                require_at_most(name, getattr(self, name), MAX_PIXELS)
         if self.rule not in RESIZE_RULES:
             raise UsageError(f"resize rule must be one of {', '.join(RESIZE_RULES)}; got {self.rule!r}")
         if self.resample not in RESAMPLE_FILTERS:
@@ -361,6 +383,7 @@ def infer_hw(num_tokens: int, merge_size: int = DEFAULT_MERGE_SIZE) -> tuple[int
     """
     if num_tokens < 1:
         raise GridError(f"Cannot find valid H, W factors for N={num_tokens} divisible by merge_size={merge_size}")
+    require_at_most("a token count", num_tokens, MAX_PIXELS)  # the search below takes sqrt(N) steps
     best: tuple[int, int] | None = None
     for h in range(1, math.isqrt(num_tokens) + 1):
         if num_tokens % h:
@@ -418,7 +441,11 @@ def describe_size(height: int, width: int, policy: ResizePolicy) -> dict:
 
 
 def describe_tokens(num_tokens: int, patch_size: int, merge_size: int) -> dict:
-    """What `check-grid --tokens N` reports: the inferred grid, or the reason there is none."""
+    """What `check-grid --tokens N` reports: the inferred grid, or the reason there is none.
+    UsageError for numbers too large to mean anything."""
+    require_at_most("--tokens", num_tokens, MAX_PIXELS)
+    require_at_most("--patch-size", patch_size, MAX_SIDE)
+    require_at_most("--merge-size", merge_size, MAX_SIDE)
     report: dict = {"tokens": num_tokens, "patch_size": patch_size, "merge_size": merge_size}
     try:
         h, w = infer_hw(num_tokens, merge_size)
