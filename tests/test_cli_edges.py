@@ -282,3 +282,64 @@ def test_overwrite_with_a_bad_input_keeps_the_existing_output(cli, media, tmp_pa
     result = cli("extract", "--input", str(tmp_path / "nowhere"), "--out", str(out), "--overwrite", *CPU)
     assert result.exit_code == 1 and "no such file or directory" in _one_error_line(result)
     assert out.exists() and sorted(p.name for p in Path(f"{out}.d").iterdir()) == before
+
+
+# -- item 9: native decoder noise stays off stderr -------------------------------------------------
+
+
+@pytest.fixture
+def broken_videos(tmp_path) -> Path:
+    """A good clip and image, and videos both decoders refuse, each of which makes FFmpeg or decord
+    print (moov atom not found, video_reader.cc: ERROR opening, Invalid NAL unit size, ...)."""
+    from media_factory import truncate, zero_video_data
+
+    root = tmp_path / "media"
+    height, width = (int(v) * 2 for v in np.random.randint(16, 40, size=2))
+    good = make_video(root / "good.mp4", int(np.random.randint(8, 20)), height, width)
+    make_image(root / "photo.jpg", 60, 80)
+    truncate(good, float(np.random.uniform(0.3, 0.8)), root / "cut.mp4")  # its index (moov) is at the end: cut off
+    (root / "junk.mp4").write_bytes(np.random.bytes(int(np.random.randint(1000, 5000))))
+    zero_video_data(make_video(tmp_path / "z.mp4", 12, height, width)).rename(root / "zeroed.mp4")
+    return root
+
+
+DECODER_NOISE = ("moov atom", "video_reader.cc", " @ 0x", "ERROR opening", "NAL unit", "Stack trace")
+
+
+def _run_cli(*args: str):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "merge_cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_broken_videos_with_json_print_only_the_json(broken_videos, tmp_path, workers):
+    result = _run_cli("extract", "--input", str(broken_videos), "--out", str(tmp_path / "f.h5"),
+                      "--device", "cpu", "--workers", workers, "--json")
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == ""  # not one decoder line (the demo warning is in the JSON)
+    summary = json.loads(result.stdout)  # stdout is the JSON and nothing else
+    assert (summary["written"], summary["failed"]) == (2, 3)
+    assert {f["key"] for f in summary["failures"]} == {"cut.mp4", "junk.mp4", "zeroed.mp4"}
+    assert all(f["message"] for f in summary["failures"])  # the record says what went wrong
+
+
+def test_broken_videos_in_a_logged_run_leave_only_merge_cli_lines(broken_videos, tmp_path):
+    result = _run_cli("extract", "--input", str(broken_videos), "--out", str(tmp_path / "f.h5"), "--device", "cpu", "--workers", "1")
+    assert result.returncode == 3
+    assert not [line for line in result.stderr.splitlines() if any(noise in line for noise in DECODER_NOISE)], result.stderr
+    assert all(line.startswith("merge-cli") for line in result.stderr.splitlines() if line.strip()), result.stderr
+
+
+def test_other_writes_to_stderr_during_a_decode_are_kept(capfd):
+    from merge_cli.media.native_stderr import captured
+
+    word = f"progress {np.random.randint(10**6)}"
+    with captured():
+        os.write(2, b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0ffee00] moov atom not found\n")
+        os.write(2, f"{word}\n".encode())
+        os.write(2, b"[18:05:20] /src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data\n")
+        os.write(2, b"    Last message repeated 3 times\n")
+    assert capfd.readouterr().err == f"{word}\n"

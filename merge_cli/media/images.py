@@ -313,14 +313,18 @@ def decode_video(key: str, source: video.VideoInput, options: MediaOptions) -> I
     """Decode and resize one video from a path or from memory (bytes or a binary file object).
 
     Raises MediaError for anything the file does wrong; `decode_sample` turns it into a Failure.
+    The decoders' native log lines are kept off stderr: the error says what they said.
     """
+    from merge_cli.media.native_stderr import captured
+
     header: video.VideoHeader | None = None  # read once: by the first decoder that opens the file anyway
     failures: list[video.DecoderError] = []
     for decoder in video.decoder_order(options.video.seek):
-        if header is None and not decoder.reads_header:
-            header = video.read_header(source)
         try:
-            return _read_clip(key, decoder, source, header, options)
+            with captured():
+                if header is None and not decoder.reads_header:
+                    header = video.read_header(source)
+                return _read_clip(key, decoder, source, header, options)
         except video.DecoderError as error:
             header = header or error.header
             failures.append(error)

@@ -303,6 +303,9 @@ class DecordSource(VideoSource):
     def _open(self, size: tuple[int, int] | None) -> None:
         import decord
 
+        from merge_cli.media.native_stderr import quiet_decord
+
+        quiet_decord()
         self.close()
         height, width = size if size is not None else (-1, -1)
         # str(path) fails for non-UTF-8 names (decord encodes it strictly): PyAV takes over.
