@@ -176,3 +176,50 @@ def test_index_of_an_empty_path_is_one_line(cli, tmp_path, monkeypatch):
     result = cli("index", "")
     assert result.exit_code == 2
     assert "is a folder, not a merge-cli output" in _one_error_line(result)
+
+
+# -- checkpoints that are not checkpoints -----------------------------------------------------------
+
+
+def _random_text(rng, lines: int = 5) -> str:
+    words = ["".join(chr(rng.integers(97, 123)) for _ in range(rng.integers(2, 9))) for _ in range(40)]
+    return "\n".join(" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(lines)) + "\n"
+
+
+@pytest.mark.parametrize("name", ["mm_projector.bin", "projector.pt", "weights.pth", "folder/pytorch_model.bin"])
+def test_a_text_file_as_projector_is_one_line_naming_it(cli, clip, tmp_path, name):
+    import numpy as np
+
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_random_text(np.random.default_rng(np.random.randint(2**31))))
+    given = path.parent if name.startswith("folder/") else path
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--projector", str(given), *CPU)
+    assert result.exit_code == 1, result.output[-2000:]
+    line = _one_error_line(result)
+    assert f"cannot read {path}: not a PyTorch checkpoint" in line and "torch.save" in line
+
+
+def test_random_bytes_as_safetensors_are_one_line_naming_the_file(cli, clip, tmp_path):
+    import numpy as np
+
+    path = tmp_path / "projector.safetensors"
+    path.write_bytes(np.random.default_rng(np.random.randint(2**31)).bytes(300))
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--projector", str(path), *CPU)
+    assert result.exit_code == 1
+    assert f"cannot read {path}: not a readable .safetensors file" in _one_error_line(result)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_truncated_torch_save_is_one_line(cli, clip, tmp_path, legacy):
+    import torch
+    from media_factory import truncate
+
+    state = {"ln_q.weight": torch.randn(64), "ln_q.bias": torch.randn(64), "mlp.0.weight": torch.randn(256, 256),
+             "mlp.0.bias": torch.randn(256), "mlp.2.weight": torch.randn(32, 256), "mlp.2.bias": torch.randn(32)}
+    path = tmp_path / "mm_projector.bin"
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    truncate(path, 0.5)
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--projector", str(path), *CPU)
+    assert result.exit_code == 1
+    assert f"cannot read {path}" in _one_error_line(result)

@@ -67,24 +67,49 @@ def _read_safetensors(file: Path, keep: KeyFilter | None) -> dict[str, torch.Ten
             # Only the wanted tensors are read: a full LLM checkpoint may hold many GB.
             return {name: handle.get_tensor(name) for name in handle.keys() if keep is None or keep(name)}
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"cannot read {file}: {error}") from error
+        raise CheckpointError(f"cannot read {file}: not a readable .safetensors file ({_first_line(error)})") from error
+
+
+# What torch.save writes first: a zip archive (the default since torch 1.6), or a pickle of
+# protocol 2 or later (the legacy format). Anything else is not a checkpoint, whatever its name.
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _read_pickle(file: Path, keep: KeyFilter | None) -> dict[str, torch.Tensor]:
     import pickle
 
     try:
+        with open(file, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {file}: {error.strerror or error}") from error
+    if not magic.startswith(_TORCH_SAVE_MAGIC):
+        raise CheckpointError(f"cannot read {file}: {_NOT_A_CHECKPOINT}")
+    try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"refusing to load {file}: it is not a plain tensor checkpoint and merge-cli never "
-            f"executes pickled code (weights_only=True said: {first_line})"
+            f"executes pickled code (weights_only=True said: {_first_line(error)})"
         ) from error
-    except (RuntimeError, OSError, EOFError) as error:
-        raise CheckpointError(f"cannot read {file}: {error}") from error
+    except OSError as error:
+        raise CheckpointError(f"cannot read {file}: {error.strerror or error}") from error
+    except Exception as error:  # not a checkpoint at all: text or random bytes fail in any way (KeyError: 101)
+        raise CheckpointError(
+            f"cannot read {file}: {_NOT_A_CHECKPOINT}; torch.load said {type(error).__name__}: {_first_line(error)}"
+        ) from error
     state = _unwrap_state_dict(loaded, file)
     return {name: value for name, value in state.items() if keep is None or keep(name)}
+
+
+_NOT_A_CHECKPOINT = "not a PyTorch checkpoint (expected a state dict saved with torch.save, or a .safetensors file)"
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    from merge_cli.records import printable
+
+    text = str(error).strip()
+    return printable(text.splitlines()[0], limit) if text else type(error).__name__
 
 
 def _unwrap_state_dict(loaded: object, file: Path) -> dict[str, torch.Tensor]:
