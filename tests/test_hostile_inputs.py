@@ -24,6 +24,15 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
+def _last_error_line(result) -> str:
+    """A run that had started (progress lines printed) and then stopped: one error line, last."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("merge-cli: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    return errors[0]
+
+
 def _limited(megabytes: int):
     """A preexec_fn capping the child's data segment (heap and anonymous maps): a case that
     allocates what it should not fails in the child instead of taking the machine down."""
@@ -223,3 +232,69 @@ def test_a_truncated_torch_save_is_one_line(cli, clip, tmp_path, legacy):
     result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--projector", str(path), *CPU)
     assert result.exit_code == 1
     assert f"cannot read {path}" in _one_error_line(result)
+
+
+# -- manifests built to break the parser ------------------------------------------------------------
+
+
+def _images(folder: Path, count: int) -> list[str]:
+    import numpy as np
+
+    sizes = np.random.randint(28, 80, size=(count, 2))
+    return [make_image(folder / f"{i}.png", int(h), int(w)).name for i, (h, w) in enumerate(sizes)]
+
+
+HOSTILE_VALUES = {
+    "nested": ("[" * 200_000, "JSON nested more deeply than can be read"),
+    "long number": ("7" * 5_000, "holds a number of 5,000 digits (at most 100 are read)"),
+}
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE_VALUES))
+@pytest.mark.parametrize("bad_line_after", [0, 3, 150])  # 150: past the root check's head of 100 paths
+def test_a_hostile_jsonl_line_is_one_line_naming_it(cli, tmp_path, hostile, bad_line_after):
+    import random
+
+    names = _images(tmp_path / "media", 4)
+    value, message = HOSTILE_VALUES[hostile]
+    lines = [json.dumps({"image": random.choice(names)}) for _ in range(bad_line_after)]
+    lines.append('{"image": "%s", "id": %s}' % (names[0], value) if hostile == "long number" else value)
+    manifest = tmp_path / "media" / "list.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = cli("extract", "--input", str(manifest), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 1, result.output[-2000:]
+    line = _last_error_line(result)  # a line past the first unit's head is met once the run started
+    assert f"list.jsonl line {bad_line_after + 1}: {message}" in line and len(line) < 300
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE_VALUES))
+def test_a_hostile_llava_json_is_one_line(cli, tmp_path, hostile):
+    names = _images(tmp_path / "media", 3)
+    value, message = HOSTILE_VALUES[hostile]
+    records = ", ".join(json.dumps({"id": str(i), "image": name}) for i, name in enumerate(names))
+    manifest = tmp_path / "media" / "llava.json"
+    manifest.write_text(f'[{records}, {{"id": {value}, "image": "{names[0]}"}}]' if hostile == "long number" else value)
+    result = cli("extract", "--input", str(manifest), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 1, result.output[-2000:]
+    assert f"manifest {manifest}: {message}" in _last_error_line(result)
+
+
+def test_a_deep_value_in_a_path_field_is_named_briefly(tmp_path):
+    from merge_cli.errors import UsageError
+    from merge_cli.inputs.sources import collect_samples
+
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png"}) + "\n" + '{"video": ' + "[" * 500 + "]" * 500 + "}\n")
+    with pytest.raises(UsageError, match=r"list.jsonl line 2: 'video' must be a path or a list of paths; got \[\[\[") as error:
+        collect_samples([manifest])
+    assert len(str(error.value)) < 200
+
+
+def test_ordinary_numbers_in_manifests_still_read(tmp_path):
+    from merge_cli.inputs.sources import collect_samples
+
+    names = _images(tmp_path, 2)
+    manifest = tmp_path / "llava.json"
+    manifest.write_text(json.dumps([{"id": 10**40, "image": names[0], "score": -1.5e300},
+                                    {"id": -(10**99), "image": names[1]}]))
+    assert [s.key for s in collect_samples([manifest]).samples] == names

@@ -36,7 +36,14 @@ from merge_cli.errors import UsageError
 from merge_cli.inputs import parquet, webdataset
 from merge_cli.inputs.parquet import ParquetColumns
 from merge_cli.inputs.units import Listed, Unit, WholeUnit
-from merge_cli.records import Failure, MediaKind, Sample, escape_text, media_kind
+from merge_cli.records import (
+    Failure,
+    MediaKind,
+    Sample,
+    escape_text,
+    media_kind,
+    printable,
+)
 
 MANIFEST_SUFFIXES = frozenset({".txt", ".jsonl", ".json"})
 RECORD_FIELDS = ("path", "image", "video")
@@ -338,25 +345,48 @@ def _manifest_entries(manifest: Path) -> Iterator[tuple[str, str]]:
                 if not line.strip():
                     continue
                 location = f"{manifest.name} line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UsageError(f"{location}: not valid JSON ({error.msg})") from error
-                yield from _record_paths(record, location)
+                yield from _record_paths(_parse_json(line, location), location)
             return
         raw = handle.read()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UsageError(f"manifest {manifest} is not UTF-8 text: {error}") from error
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"manifest {manifest}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    records = _parse_json(text, f"manifest {manifest}", whole_file=True)
     if not isinstance(records, list):
         raise UsageError(f"manifest {manifest}: expected a list of records (LLaVA format), got {type(records).__name__}")
     for number, record in enumerate(records):
         yield from _record_paths(record, f"{manifest.name} record {number}")
+
+
+MAX_JSON_DIGITS = 100
+"""Longest integer a manifest may hold. Python's int() refuses more than 4,300 digits with a
+message about sys.set_int_max_str_digits, and a manifest has no use for even 100."""
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_DIGITS:
+        raise _NumberTooLong(f"a number of {len(digits):,} digits (at most {MAX_JSON_DIGITS} are read)")
+    return int(digits)
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _parse_json(text: str, location: str, *, whole_file: bool = False) -> object:
+    """One JSON document of a manifest, or a UsageError in one line: syntax errors, integers too
+    long to mean anything, and nesting deeper than Python's JSON parser goes (it stops with a
+    RecursionError at about a thousand levels, long before memory is at risk)."""
+    try:
+        return json.loads(text, parse_int=_bounded_int)
+    except json.JSONDecodeError as error:
+        where = f" at line {error.lineno}" if whole_file else ""
+        raise UsageError(f"{location}: not valid JSON ({error.msg}{where})") from None
+    except _NumberTooLong as error:
+        raise UsageError(f"{location}: holds {error}") from None
+    except RecursionError:
+        raise UsageError(f"{location}: JSON nested more deeply than can be read") from None
 
 
 def _record_paths(record: object, location: str) -> Iterator[tuple[str, str]]:
@@ -369,7 +399,7 @@ def _record_paths(record: object, location: str) -> Iterator[tuple[str, str]]:
         values = value if isinstance(value, list) else [value]
         for item in values:
             if not isinstance(item, str):
-                raise UsageError(f"{location}: {name!r} must be a path or a list of paths; got {item!r}")
+                raise UsageError(f"{location}: {name!r} must be a path or a list of paths; got {printable(repr(item), 60)}")
             yield location, item
 
 
@@ -452,7 +482,7 @@ def _json_list_head(text: str) -> Iterator[object]:
     while position < len(text) and text[position] != "]":
         try:
             record, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, or too long or too deep: see _parse_json
             return
         yield record
         position = space.match(text, position).end()  # type: ignore[union-attr]
