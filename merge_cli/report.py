@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.table import Table
 
@@ -93,44 +95,87 @@ def _bytes(count: float) -> str:
     return f"{count:,.1f} TB"
 
 
+_KEEP = "\u00a0"
+"""Joins the parts of one value (`0.5 s`, `12 failed`): summary lines break between values only."""
+_MARKUP = re.compile(r"\[/?(?:[a-z]+(?: [a-z]+)*)?\]")
+
+
+def _value(amount: object, unit: str, spec: str = ",") -> str:
+    """One unbreakable value: an amount (formatted with `spec`) and what it counts."""
+    return f"{amount:{spec}} {unit}".replace(" ", _KEEP)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` broken into lines of at most `width` cells at its spaces, never inside a value (whose
+    parts `_value` joined); rich markup takes no room. Rich then has nothing left to wrap."""
+    lines: list[str] = []
+    line, used = "", 0
+    for word in text.split(" "):
+        size = len(_MARKUP.sub("", word))
+        if line and used + 1 + size > width:
+            lines.append(line)
+            line, used = "", 0
+        line, used = (f"{line} {word}", used + 1 + size) if line else (word, size)
+    lines.append(line)
+    return "\n".join(lines).replace(_KEEP, " ")
+
+
 def render_extract_summary(summary: dict, console: Console) -> None:
-    """The end-of-run summary of `extract` (a `RunSummary.to_dict()`)."""
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    status = "[green]done[/]" if not summary["failed"] else f"[yellow]done with {summary['failed']} failed[/]"
+    """The end-of-run summary of `extract` (a `RunSummary.to_dict()`). At any terminal width its
+    lines break between values, never inside one (`12.5 s` stays on one line)."""
+    from rich.markup import escape
+
+    failed = summary["failed"]
+    status = "[green]done[/]" if not failed else f"[yellow]done with {_value(failed, 'failed')}[/]"
     if summary["stopped_early"]:
         status = "[red]stopped at the first failure (--strict)[/]"
-    table.add_row("output", f"{summary['out']}  {status}")
-    table.add_row(
-        "samples",
-        f"{summary['written']:,} written, {summary['skipped']:,} already done, {summary['failed']:,} failed"
-        + (f", {plural(summary['ignored_files'], 'other file')} ignored" if summary["ignored_files"] else ""),
+    samples = (
+        f"{_value(summary['written'], 'written')}, {_value(summary['skipped'], 'already done')}, "
+        f"{_value(failed, 'failed')}"
     )
-    table.add_row(
-        "tokens",
-        f"{summary['tokens']:,} stored ({summary['patch_tokens']:,} patch tokens before merging), {_bytes(summary['bytes'])}",
-    )
-    table.add_row(
-        "throughput",
-        f"{summary['samples_per_second']:,.1f} samples/s, {summary['patch_tokens_per_second']:,.0f} patch tokens/s "
-        f"in {summary['seconds']:,.1f} s on {summary['device']} ({summary['compute_dtype']})",
-    )
+    if summary["ignored_files"]:
+        samples += f", {_value(plural(summary['ignored_files'], 'other file'), 'ignored', '')}"
+    seconds = ",.1f"
     timings = summary["timings"]
-    table.add_row(
-        "time split",
-        f"waiting for decode {timings['decode_wait']:,.1f} s (decode work {timings['decode_cpu']:,.1f} s in workers), "
-        f"compute {timings['compute']:,.1f} s, write {timings['write']:,.1f} s",
-    )
-    table.add_row("batches", f"{summary['batches']:,}, {summary['batch_fill']:.0%} of the token budget filled")
     tower = summary["tower"] + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
-    table.add_row("tower", f"{tower}, output {summary['output']}, stored as {summary['store_dtype']}")
     made_even = summary.get("made_even", 0)
-    table.add_row(
-        "preprocess",
-        f"{summary.get('preprocess', 'native')}"
-        + (f", {plural(made_even, 'grid')} made even (both grids stored)" if made_even else ""),
-    )
+    rows = [
+        ("output", f"{escape(summary['out'])}  {status}"),
+        ("samples", samples),
+        (
+            "tokens",
+            f"{_value(summary['tokens'], 'stored')} ({_value(summary['patch_tokens'], 'patch tokens')} before "
+            f"merging), {_value(_bytes(summary['bytes']), '', '').strip(_KEEP)}",
+        ),
+        (
+            "throughput",
+            f"{_value(summary['samples_per_second'], 'samples/s', ',.1f')}, "
+            f"{_value(summary['patch_tokens_per_second'], 'patch tokens/s', ',.0f')} "
+            f"in {_value(summary['seconds'], 's', seconds)} "
+            f"on {_value(summary['device'], '(' + summary['compute_dtype'] + ')', '')}",
+        ),
+        (
+            "time split",
+            f"{_value('waiting for decode', format(timings['decode_wait'], seconds) + ' s', '')} "
+            f"({_value('decode work', format(timings['decode_cpu'], seconds) + ' s', '')} in workers), "
+            f"{_value('compute', format(timings['compute'], seconds) + ' s', '')}, "
+            f"{_value('write', format(timings['write'], seconds) + ' s', '')}",
+        ),
+        ("batches", f"{summary['batches']:,}, {_value(summary['batch_fill'], 'of the token budget', '.0%')} filled"),
+        ("tower", f"{tower}, output {summary['output']}, stored as {summary['store_dtype']}"),
+        (
+            "preprocess",
+            f"{summary.get('preprocess', 'native')}"
+            + (f", {_value(plural(made_even, 'grid'), 'made even', '')} (both grids stored)" if made_even else ""),
+        ),
+    ]
+    label_width = max(len(label) for label, _ in rows)
+    width = max(20, console.width - label_width - 2)  # the label column and the gap after it
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, _fit(value, width))
     console.print(table)
     if summary["failures"]:
         shown, failed = len(summary["failures"]), summary["failed"]
@@ -138,8 +183,10 @@ def render_extract_summary(summary: dict, console: Console) -> None:
         if shown < failed:
             title = f"first {shown} of {title} (all: merge-cli inspect {summary['out']} --failures)"
         errors = Table(title=title, title_justify="left")
-        for column in ("key", "stage", "type", "message"):
-            errors.add_column(column, overflow="fold")
+        errors.add_column("key", overflow="fold")
+        errors.add_column("stage", no_wrap=True)
+        errors.add_column("type", no_wrap=True)
+        errors.add_column("message", overflow="fold")
         for failure in summary["failures"]:
             errors.add_row(failure["key"], failure["stage"], failure["error_type"], failure["message"])
         console.print(errors)

@@ -343,3 +343,133 @@ def test_other_writes_to_stderr_during_a_decode_are_kept(capfd):
         os.write(2, b"[18:05:20] /src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data\n")
         os.write(2, b"    Last message repeated 3 times\n")
     assert capfd.readouterr().err == f"{word}\n"
+
+
+# -- item 10: progress without a terminal ----------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = float(np.random.uniform(0, 1e6))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_log_line_has_percent_rate_elapsed_and_eta_once_the_total_is_final(capsys):
+    from merge_cli.run.progress import LogReporter
+
+    clock = _Clock()
+    reporter = LogReporter(clock=clock, interval=float("inf"))
+    reporter.start(0)
+    listed, done, failed, seconds = (int(x) for x in np.random.randint([5000, 100, 1, 200], [9000, 2000, 50, 3000]))
+    reporter.set_total(listed, final=False)
+    clock.now += seconds
+    reporter.advance(samples=done - failed, tokens=done * 64)
+    reporter.advance(failures=failed)
+    reporter._line()
+    growing = capsys.readouterr().err.strip().splitlines()[-1]
+    elapsed = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    assert growing == (
+        f"merge-cli: {done:,}/{listed:,}+ samples (listing), {failed:,} failed, {done / seconds:,.1f} samples/s, "
+        f"{done * 64 / seconds:,.0f} tokens/s, {elapsed} elapsed"
+    )
+    total = listed + int(np.random.randint(0, 5000))
+    reporter.set_total(total, final=True)
+    reporter._line()
+    final = capsys.readouterr().err.strip()
+    left = round((total - done) / (done / seconds))
+    assert f"{done:,}/{total:,} samples ({100 * done / total:.0f}%)" in final
+    assert final.endswith(f"{elapsed} elapsed, ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
+
+
+@pytest.mark.parametrize("last_unit", [1, 2, 3])  # 3: the listing ends exactly on a full unit
+def test_the_feed_says_when_the_total_is_final(tmp_path, last_unit):
+    from merge_cli.inputs.sources import ListingStats, stream_units
+    from merge_cli.run.feed import UnitPlan, WorkFeed
+
+    count = 3 * int(np.random.randint(1, 4)) + last_unit
+    for i in range(count):
+        (tmp_path / "d" / f"{i:03d}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "d" / f"{i:03d}.jpg").write_bytes(b"")
+    stats, totals = ListingStats(), []
+    units = stream_units([tmp_path / "d"], unit_size=3, stats=stats)
+    plan = UnitPlan(None, tmp_path / "f.h5", retry_failed=False, warn=print)
+    feed = WorkFeed(units, iter(range(10**6)), plan, on_total=lambda total, final: totals.append((total, final)),
+                    listing_ended=lambda: stats.ended)
+    assert len(list(feed)) == count
+    # growing units of 3, final from the moment the last unit is listed (not only at the end)
+    cuts = list(range(3, count, 3)) + [count]
+    assert totals[: len(cuts)] == [(n, n == count) for n in cuts]
+
+
+def test_rich_bar_shows_samples_and_tokens_per_second_and_pulses_while_listing():
+    import io
+
+    from rich.console import Console
+
+    from merge_cli.run.progress import RichReporter
+
+    out = io.StringIO()
+    clock = _Clock()
+    reporter = RichReporter(clock=clock, console=Console(file=out, force_terminal=True, width=160))
+    reporter.start(0)
+    reporter.set_total(500, final=False)
+    assert reporter._progress.tasks[0].total is None  # no percent or ETA from a partial total
+    clock.now += 4
+    reporter.advance(samples=10, tokens=2560)
+    reporter.set_total(800, final=True)
+    assert reporter._progress.tasks[0].total == 800
+    reporter.finish()
+    text = out.getvalue()
+    assert "2.5 samples/s" in text and "640 tok/s" in text
+
+
+def test_a_run_without_a_terminal_ends_with_the_full_progress_line(cli, media, tmp_path):
+    import re
+
+    result = cli("extract", "--input", str(media), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 0, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"merge-cli: 2/2 samples \(100%\), 0 failed, [\d,.]+ samples/s, [\d,]+ tokens/s, \d+:\d\d:\d\d elapsed", last
+    ), last
+
+
+def _random_summary() -> dict:
+    from merge_cli.run.pipeline import RunSummary, Timings
+
+    rng = np.random.default_rng(np.random.randint(2**31))
+    big = lambda: int(10 ** rng.uniform(0, 9))  # noqa: E731
+    timings = Timings(*(float(10 ** rng.uniform(-1, 5)) for _ in range(5)))
+    summary = RunSummary(
+        out=f"/data/run-{big()}/feats.h5", samples=big(), written=big(), skipped=big(), failed=big(), ignored_files=big(),
+        tokens=big(), patch_tokens=big(), bytes=big() * 1000, seconds=float(10 ** rng.uniform(0, 5)), batches=big(),
+        batch_fill=float(rng.uniform()), tower="demo", tower_is_demo=bool(rng.integers(2)), output="merged",
+        device=str(rng.choice(["cpu", "cuda:0"])), compute_dtype="bf16", store_dtype="bf16", made_even=big(),
+        timings=timings,
+    )
+    return summary.to_dict()
+
+
+def test_the_summary_never_breaks_a_value_across_lines():
+    import io
+    import re
+
+    from rich.console import Console
+
+    from merge_cli.report import render_extract_summary
+
+    value = re.compile(r"\d[\d,.]*%? (?:s|samples/s|patch tokens/s|patch tokens|[KMGT]?B|written|already done|failed|stored)\b")
+    for _ in range(40):
+        summary = _random_summary()
+        wide, narrow = io.StringIO(), io.StringIO()
+        render_extract_summary(summary, Console(file=wide, width=1000, no_color=True))
+        width = int(np.random.choice([80, 80, 72, 100]))
+        render_extract_summary(summary, Console(file=narrow, width=width, no_color=True))
+        values = value.findall(wide.getvalue())
+        assert len(values) >= 12
+        lines = narrow.getvalue().splitlines()
+        assert all(len(line) <= width for line in lines)
+        for found in values:
+            assert any(found in line for line in lines), (width, found, narrow.getvalue())

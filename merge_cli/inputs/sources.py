@@ -67,6 +67,8 @@ class ListingStats:
 
     ignored: int = 0
     """Files in scanned folders with extensions merge-cli does not read."""
+    ended: bool = False
+    """The listing has walked every input (set before the last unit is cut from it)."""
 
 
 def collect_samples(
@@ -172,6 +174,8 @@ def make_listing(
                 yield from lister.manifest(path, base)
             else:
                 yield lister.entry(path, base, origin)
+        if not counted[0]:
+            stats.ended = True
         counted[0] = True  # a second walk (to explain a duplicate key) must not count again
 
     return listing

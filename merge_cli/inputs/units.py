@@ -87,20 +87,26 @@ def iter_units(listing: Listing, unit_size: int = DEFAULT_UNIT_SIZE) -> Iterator
         next_id += 1
         return unit
 
+    # A unit is handed on when the next listed item shows it is not the last (or the listing has
+    # ended): whoever reads the listing's end flag then knows the total is final at the last unit.
+    ready: list[Unit] = []
     for item in listing():
+        yield from ready
+        ready.clear()
         if isinstance(item, WholeUnit):
             for part in (window, item.entries):
                 if part and (unit := cut(part)) is not None:
-                    yield unit
+                    ready.append(unit)
             window = []
             continue
         window.append(item)
         if len(window) >= unit_size:
             if (unit := cut(window)) is not None:
-                yield unit
+                ready.append(unit)
             window = []
     if window and (unit := cut(window)) is not None:
-        yield unit
+        ready.append(unit)
+    yield from ready
 
 
 def fingerprint(keys: list[str]) -> str:

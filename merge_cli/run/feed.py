@@ -125,12 +125,15 @@ class WorkFeed:
         claims: Iterator[int],
         plan: UnitPlan,
         *,
-        on_total: Callable[[int], None] = lambda total: None,
+        on_total: Callable[[int, bool], None] = lambda total, final: None,
+        listing_ended: Callable[[], bool] = lambda: False,
     ) -> None:
         self.units = units
         self.claims = claims
         self.plan = plan
         self.on_total = on_total
+        """Told the whole job's total to do as it grows, and whether it is final (the listing ended)."""
+        self.listing_ended = listing_ended
         self.listed = 0
         """Entries listed so far (all units, this rank's or not)."""
         self.skipped = 0
@@ -156,11 +159,12 @@ class WorkFeed:
                 left = len(work.entries) if work is not None else 0
                 self.skipped += len(unit.entries) - left
                 self.todo_total += left
-                self.on_total(self.todo_total)
+                self.on_total(self.todo_total, self.listing_ended())
                 if mine:
                     break
             else:
                 self.exhausted = True
+                self.on_total(self.todo_total, True)
                 return
             if work is None:
                 continue

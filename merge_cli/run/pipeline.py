@@ -213,7 +213,7 @@ def _run_claimed(
         reporter.warn(f"--output merged stores tower features before the projector: {config.projector} is not used")
     scan = _scan_output(config, out, attrs, dist)
     plan = UnitPlan(scan, out, retry_failed=config.retry_failed, warn=reporter.warn)
-    feed = WorkFeed(units, unit_claims(dist), plan, on_total=reporter.set_total)
+    feed = WorkFeed(units, unit_claims(dist), plan, on_total=reporter.set_total, listing_ended=lambda: stats.ended)
 
     summary = RunSummary(
         out=str(out),
