@@ -55,8 +55,18 @@ def fail(message: str, code: int, json_output: bool = False) -> NoReturn:
     if json_output:
         print(json.dumps({"error": message, "exit_code": code}))
     else:
-        _stderr_console().print(f"[bold red]merge-cli: error:[/] {message}", soft_wrap=True, markup=True)
+        from rich.markup import escape
+
+        from merge_cli.records import printable
+
+        # Messages quote file names and file contents: no markup, no control characters, no
+        # screenful of one value. Lines stay lines (a settings mismatch lists one per line).
+        shown = "\n".join(escape(printable(line, _MAX_MESSAGE_CHARS)) for line in message.split("\n"))
+        _stderr_console().print(f"[bold red]merge-cli: error:[/] {shown}", soft_wrap=True, markup=True)
     raise typer.Exit(code)
+
+
+_MAX_MESSAGE_CHARS = 2000
 
 
 def run_core(call: Callable[[], T], json_output: bool = False, exit_code: int | None = None) -> T:
@@ -753,7 +763,15 @@ def _print_failures(records, json_output: bool) -> None:
             print(json.dumps(record, ensure_ascii=False))
         else:
             fields = (record["key"], record["stage"], f"{record['type']}: {record['message']}")
-            print("\t".join(str(field).replace("\t", "\\t").replace("\n", "\\n") for field in fields))
+            print("\t".join(_failure_field(str(field)) for field in fields))
+
+
+def _failure_field(text: str) -> str:
+    """One field of a tab-separated failure line: tabs and newlines as `\\t` and `\\n` (the line
+    stays one record), other control characters escaped (a key cannot drive the terminal)."""
+    from merge_cli.records import printable
+
+    return printable(text.replace("\t", "\\t").replace("\n", "\\n"))
 
 
 @app.command("index")

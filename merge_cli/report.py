@@ -5,9 +5,20 @@ from __future__ import annotations
 import re
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from merge_cli.records import plural
+from merge_cli.records import plural, printable
+
+SHOWN_CHARS = 500
+"""Longest text from a file shown in one place (an attribute, an error message): a 50 MB attribute
+took minutes to lay out; `--json` has every value whole."""
+
+
+def _shown(text: object, limit: int | None = SHOWN_CHARS) -> str:
+    """Text from a file or an input, ready for rich markup: control characters escaped (a file
+    name cannot drive the terminal), markup brackets escaped, cut after `limit` characters."""
+    return escape(printable(text, limit))
 
 
 def _hw(pair: list[int] | tuple[int, int] | None) -> str:
@@ -38,7 +49,7 @@ def _render_size_report(report: dict, console: Console) -> None:
         table.add_row("valid", f"[red]no[/]: {report['problem']}")
     if "tower" in report:
         frames = f", {report['frames']} frames sampled" if "frames" in report else ""
-        table.add_row("tower", f"{report['tower']} (--preprocess {report['preprocess']}{frames})")
+        table.add_row("tower", f"{_shown(report['tower'])} (--preprocess {report['preprocess']}{frames})")
     resized = report.get("resized")
     if resized is None:
         table.add_row("resized", f"[red]refused by extract[/]: {report.get('resize_error')}")
@@ -123,8 +134,6 @@ def _fit(text: str, width: int) -> str:
 def render_extract_summary(summary: dict, console: Console) -> None:
     """The end-of-run summary of `extract` (a `RunSummary.to_dict()`). At any terminal width its
     lines break between values, never inside one (`12.5 s` stays on one line)."""
-    from rich.markup import escape
-
     failed = summary["failed"]
     status = "[green]done[/]" if not failed else f"[yellow]done with {_value(failed, 'failed')}[/]"
     if summary["stopped_early"]:
@@ -137,10 +146,10 @@ def render_extract_summary(summary: dict, console: Console) -> None:
         samples += f", {_value(plural(summary['ignored_files'], 'other file'), 'ignored', '')}"
     seconds = ",.1f"
     timings = summary["timings"]
-    tower = summary["tower"] + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
+    tower = _shown(summary["tower"]) + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
     made_even = summary.get("made_even", 0)
     rows = [
-        ("output", f"{escape(summary['out'])}  {status}"),
+        ("output", f"{_shown(summary['out'])}  {status}"),
         ("samples", samples),
         (
             "tokens",
@@ -181,14 +190,16 @@ def render_extract_summary(summary: dict, console: Console) -> None:
         shown, failed = len(summary["failures"]), summary["failed"]
         title = f"{failed} failure" + ("" if failed == 1 else "s")
         if shown < failed:
-            title = f"first {shown} of {title} (all: merge-cli inspect {summary['out']} --failures)"
+            title = f"first {shown} of {title} (all: merge-cli inspect {_shown(summary['out'])} --failures)"
         errors = Table(title=title, title_justify="left")
         errors.add_column("key", overflow="fold")
         errors.add_column("stage", no_wrap=True)
         errors.add_column("type", no_wrap=True)
         errors.add_column("message", overflow="fold")
         for failure in summary["failures"]:
-            errors.add_row(failure["key"], failure["stage"], failure["error_type"], failure["message"])
+            errors.add_row(
+                _shown(failure["key"]), _shown(failure["stage"]), _shown(failure["error_type"]), _shown(failure["message"])
+            )
         console.print(errors)
 
 
@@ -218,13 +229,13 @@ def _attr_text(value: object) -> str:
 
 def render_inspect(report: dict, console: Console) -> None:
     """Render an `inspection.inspect_features` report: provenance, shards, counts, grids, token
-    statistics, errors, problems, and with --key one sample."""
-    from rich.markup import escape
-
+    statistics, errors, problems, and with --key one sample. Every string read from the file is
+    shown through `_shown`."""
     counts = report["counts"]
     console.print(
-        f"[bold]{escape(report['path'])}[/]: merge-cli {report['role']} "
-        f"(format {report['format']} v{report['format_version']}), {report['dtype']} x {report['token_dim']}"
+        f"[bold]{_shown(report['path'])}[/]: merge-cli {_shown(report['role'])} "
+        f"(format {_shown(report['format'])} v{_shown(report['format_version'])}), "
+        f"{_shown(report['dtype'])} x {_shown(report['token_dim'])}"
     )
 
     attrs = report["attrs"]
@@ -233,7 +244,7 @@ def render_inspect(report: dict, console: Console) -> None:
     table.add_column(overflow="fold")
     for name in _PROVENANCE:
         if name in attrs:
-            table.add_row(name, escape(_attr_text(attrs[name])))
+            table.add_row(name, _shown(_attr_text(attrs[name])))
     if "settings" in attrs:
         table.add_row("settings", f"{len(attrs['settings'])} hashed settings (see --json)")
     console.print(table)
@@ -248,7 +259,7 @@ def render_inspect(report: dict, console: Console) -> None:
             table.add_row(f"... {len(shards) - _MAX_SHARD_ROWS} more", "", "", "", "", "")
         status = "ok" if shard["exists"] else "[red]missing[/]"
         table.add_row(
-            escape(shard["name"]), _size(shard["bytes"]), f"{shard['samples']:,}", f"{shard['rows']:,}",
+            _shown(shard["name"]), _size(shard["bytes"]), f"{shard['samples']:,}", f"{shard['rows']:,}",
             f"{shard['errors']:,}", status,
         )
     console.print(table)
@@ -261,7 +272,7 @@ def render_inspect(report: dict, console: Console) -> None:
     attrs = report.get("attrs", {})
     made_even = counts.get("made_even", 0)
     console.print(
-        f"[bold]preprocess[/] {attrs.get('preprocess', 'native (before --preprocess)')}"
+        f"[bold]preprocess[/] {_shown(attrs.get('preprocess', 'native (before --preprocess)'))}"
         + (f", {plural(made_even, 'grid')} made even (processor_grid differs from grid_thw)" if made_even else "")
     )
 
@@ -297,23 +308,25 @@ def render_inspect(report: dict, console: Console) -> None:
     if report["errors"]:
         shown = len(report["errors"])
         title = f"errors ({counts['errors']:,}" + (
-            f", first {shown}; all with: merge-cli inspect {report['path']} --failures)" if shown < counts["errors"] else ")"
+            f", first {shown}; all with: merge-cli inspect {_shown(report['path'])} --failures)"
+            if shown < counts["errors"]
+            else ")"
         )
         table = Table(title=title, title_justify="left")
         for column in ("key", "stage", "type", "message"):
             table.add_column(column, overflow="fold")
         for error in report["errors"]:
-            table.add_row(escape(error["key"]), error["stage"], escape(error["type"]), escape(error["message"]))
+            table.add_row(_shown(error["key"]), _shown(error["stage"]), _shown(error["type"]), _shown(error["message"]))
         console.print(table)
 
     if report.get("sample"):
         render_sample(report["sample"], console)
 
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"[yellow]note:[/] {_shown(note, None)}")
     if report["problems"]:
         for problem in report["problems"]:
-            console.print(f"[bold red]problem:[/] {escape(problem)}")
+            console.print(f"[bold red]problem:[/] {_shown(problem, None)}")
     else:
         checked = " (values checked: no NaN/Inf)" if report.get("checked") else ""
         console.print(f"[green]no integrity problems found[/]{checked}")
@@ -321,26 +334,24 @@ def render_inspect(report: dict, console: Console) -> None:
 
 def render_sample(sample: dict, console: Console) -> None:
     """`inspect --key`: one sample's grid, shape, sizes, frames, storage and value statistics."""
-    from rich.markup import escape
-
-    table = Table(title=f"sample {escape(sample['key'])}", title_justify="left", show_header=False, box=None,
+    table = Table(title=f"sample {_shown(sample['key'])}", title_justify="left", show_header=False, box=None,
                   pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     t, h, w = sample["grid_thw"]
-    table.add_row("kind", sample["kind"])
+    table.add_row("kind", _shown(sample["kind"]))
     table.add_row("grid t x h x w", f"{t} x {h} x {w} -> merged {_hw(sample['merged_hw'])}")
-    table.add_row("tokens", f"{tuple(sample['shape'])} {sample['dtype']}")
+    table.add_row("tokens", f"{tuple(sample['shape'])} {_shown(sample['dtype'])}")
     table.add_row("original size", f"{_hw(sample['orig_hw'])} (HxW)")
     table.add_row("resized to", f"{_hw(sample['resized_hw'])} (HxW)")
     if sample.get("processor_grid") and list(sample["processor_grid"]) != list(sample["grid_thw"][1:]):
         table.add_row("processor grid", f"{_hw(sample['processor_grid'])}, made even to {_hw(sample['grid_thw'][1:])}")
-    table.add_row("decoder", sample["decoder"])
+    table.add_row("decoder", _shown(sample["decoder"]))
     if sample["frame_indices"]:
         times = ", ".join(f"{x:.2f}" for x in sample["frame_times"])
         table.add_row("frames", ", ".join(str(i) for i in sample["frame_indices"]))
         table.add_row("frame times (s)", times)
-    table.add_row("stored at", f"{escape(sample['shard'])}, row {sample['offset']:,} (index {sample['index']:,})")
+    table.add_row("stored at", f"{_shown(sample['shard'])}, row {sample['offset']:,} (index {sample['index']:,})")
     stats = sample["stats"]
     if stats["mean"] is None:
         table.add_row("values", "no finite values")
@@ -356,11 +367,9 @@ def render_sample(sample: dict, console: Console) -> None:
 
 def render_index_summary(summary: dict, console: Console) -> None:
     """Render the summary `store.build_index` returns."""
-    from rich.markup import escape
-
     console.print(
-        f"[bold]{escape(summary['output'])}[/]: {plural(summary['samples'], 'sample')}, "
-        f"{plural(summary['tokens'], 'token')} ({summary['dtype']} x {summary['token_dim']}) from "
+        f"[bold]{_shown(summary['output'])}[/]: {plural(summary['samples'], 'sample')}, "
+        f"{plural(summary['tokens'], 'token')} ({_shown(summary['dtype'])} x {summary['token_dim']}) from "
         f"{plural(summary['shards'], 'shard')} ({_size(summary['shard_bytes'])}); {plural(summary['errors'], 'error')}"
     )
     if summary.get("duplicates"):

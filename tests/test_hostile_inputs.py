@@ -298,3 +298,100 @@ def test_ordinary_numbers_in_manifests_still_read(tmp_path):
     manifest.write_text(json.dumps([{"id": 10**40, "image": names[0], "score": -1.5e300},
                                     {"id": -(10**99), "image": names[1]}]))
     assert [s.key for s in collect_samples([manifest]).samples] == names
+
+
+# -- text from files is shown, never obeyed ---------------------------------------------------------
+
+# An OSC sequence that retitles the terminal, one that clears the screen, a bidi override that
+# reverses what follows, and rich markup that would be taken as a style.
+HOSTILE_NAMES = ["\x1b]0;pwned\x07title.png", "\x1b[2Jwipe.jpg", "evil\u202egnp.jpg", "[bold]markup.png"]
+
+
+def _assert_shown_not_obeyed(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, repr(text[:2000])
+    assert "Traceback" not in text
+
+
+def test_extract_summary_escapes_failed_file_names(cli, tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "media"
+    make_image(folder / "good.png", 56, 56)
+    rng = np.random.default_rng(np.random.randint(2**31))
+    for name in HOSTILE_NAMES:
+        (folder / name).write_bytes(rng.bytes(200))  # not an image: each becomes an error record
+    result = cli("extract", "--input", str(folder), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 3, result.output[-3000:]
+    _assert_shown_not_obeyed(result.stdout + result.stderr)
+    flat = "".join(result.stdout.split())  # the failures table may fold a long key across lines
+    for shown in ("\\x1b]0;pwned\\x07title.png", "\\x1b[2Jwipe.jpg", "evil\\u202egnp.jpg", "[bold]markup.png"):
+        assert shown in flat, shown
+
+
+def test_error_lines_and_warnings_escape_what_the_user_gave(cli, tmp_path):
+    missing = tmp_path / "\x1b]0;pwned\x07[/red]gone.png"  # markup after a bracket: taken as a glob
+    result = cli("extract", "--input", str(missing), "--out", str(tmp_path / "f.h5"), *CPU)
+    assert result.exit_code == 1
+    assert "\\x1b]0;pwned\\x07[/red]gone.png: the pattern matches no file" in _one_error_line(result)
+    _assert_shown_not_obeyed(result.stderr)
+
+    empty = tmp_path / "\x1b]0;pwned\x07empty"
+    empty.mkdir()
+    result = cli("extract", "--input", str(empty), "--out", str(tmp_path / "g.h5"), *CPU)
+    assert "no images or videos found in" in result.stderr
+    _assert_shown_not_obeyed(result.stdout + result.stderr)
+
+
+def test_progress_reporters_escape_warnings_and_failures(capsys):
+    from merge_cli.records import Failure
+    from merge_cli.run.progress import ErrorLogReporter, LogReporter, RichReporter
+
+    message = "found \x1b]0;pwned\x07 in [/bold] folder"
+    LogReporter().warn(message)
+    RichReporter().warn(message)
+    ErrorLogReporter(rank=1).failed(Failure("\x1b[2Jkey", "decode", "OSError", "bad \x1b[31m data"))
+    err = capsys.readouterr().err
+    _assert_shown_not_obeyed(err)
+    assert err.count("\\x1b]0;pwned\\x07 in [/bold] folder") == 2 and "\\x1b[2Jkey" in err
+
+
+@pytest.fixture
+def hostile_output(tmp_path):
+    """An output whose attribute is 2 MB and whose error records have hostile keys and a 1 MB message."""
+    from feature_factory import attrs, failure, features
+
+    from merge_cli.output.index import build_index
+    from merge_cli.output.store import ShardWriter
+
+    out = tmp_path / "feats.h5"
+    with ShardWriter(out, attrs(tower="t" * 2_000_000), shard_bytes=20_000) as writer:
+        writer.add(features("\x1b]0;pwned\x07sample", grid=(1, 2, 2)))
+        for i, name in enumerate(HOSTILE_NAMES):
+            writer.add_failure(failure(name, ("m" * 1_000_000) if i == 0 else f"bad \x1b[31m{i}"))
+    build_index(out)
+    return out
+
+
+def test_inspect_cuts_long_values_and_escapes_file_text(cli, hostile_output):
+    result = cli("inspect", str(hostile_output))
+    assert result.exit_code == 0, result.output[-3000:]
+    _assert_shown_not_obeyed(result.stdout)
+    assert len(result.stdout) < 30_000  # the 2 MB attribute and the 1 MB message were laid out whole
+    flat = "".join(result.stdout.split())
+    assert "(2,000,000characters)" in flat and "(1,000,000characters)" in flat
+    assert "\\x1b[2Jwipe.jpg" in flat and "[bold]markup.png" in flat and "bad\\x1b[31m2" in flat
+
+
+def test_inspect_key_and_failures_escape_but_json_stays_exact(cli, hostile_output):
+    key = "\x1b]0;pwned\x07sample"
+    one = cli("inspect", str(hostile_output), "--key", key)
+    assert one.exit_code == 0, one.output[-3000:]
+    _assert_shown_not_obeyed(one.stdout)
+    assert "\\x1b]0;pwned\\x07sample" in one.stdout
+    assert json.loads(cli("inspect", str(hostile_output), "--key", key, "--json").stdout)["key"] == key
+
+    listed = cli("inspect", str(hostile_output), "--failures")
+    _assert_shown_not_obeyed(listed.stdout)
+    assert "\\x1b[2Jwipe.jpg\tdecode\t" in listed.stdout
+    records = [json.loads(line) for line in cli("inspect", str(hostile_output), "--failures", "--json").stdout.splitlines()]
+    assert sorted(r["key"] for r in records) == sorted(HOSTILE_NAMES)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from merge_cli.records import Failure
+from merge_cli.records import Failure, printable
 
 
 class JobCounts(Protocol):
@@ -149,7 +149,7 @@ class LogReporter(Reporter):
 
     def warn(self, message: str) -> None:
         super().warn(message)
-        print(f"merge-cli: warning: {message}", file=sys.stderr, flush=True)
+        print(f"merge-cli: warning: {printable(message)}", file=sys.stderr, flush=True)
 
     def start(self, total: int, description: str = "extracting") -> None:
         super().start(total, description)
@@ -192,7 +192,9 @@ class RichReporter(Reporter):
         from rich.console import Console
 
         console = self._progress.console if self._progress is not None else Console(stderr=True)
-        console.print(f"[bold yellow]warning:[/] {message}", highlight=False)
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]warning:[/] {escape(printable(message))}", highlight=False)
 
     def start(self, total: int, description: str = "extracting") -> None:
         from rich.console import Console
@@ -258,8 +260,8 @@ class ErrorLogReporter(Reporter):
 
     def failed(self, failure: Failure) -> None:
         print(
-            f"merge-cli[rank {self.rank}]: {failure.key}: {failure.stage} failed: "
-            f"{failure.error_type}: {failure.message}",
+            f"merge-cli[rank {self.rank}]: {printable(failure.key)}: {failure.stage} failed: "
+            f"{printable(failure.error_type)}: {printable(failure.message)}",
             file=sys.stderr,
             flush=True,
         )
