@@ -804,9 +804,19 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _report_file_size_limit() -> None:
+    """Ignore SIGXFSZ, which by default kills a process whose file passes `ulimit -f`: the write
+    then fails with EFBIG, which the writer reports in one line and a rerun resumes from."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main() -> None:
     """Console-script entry point."""
     _interrupt_on_sigterm()
+    _report_file_size_limit()
     try:
         app()
     except KeyboardInterrupt:

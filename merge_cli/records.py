@@ -30,16 +30,47 @@ def media_kind(path: Path | str) -> MediaKind | None:
 
 
 def escape_text(text: str) -> str:
-    """Make `text` valid UTF-8: undecodable file-name bytes become backslash escapes.
+    """Make `text` storable UTF-8: undecodable file-name bytes and NUL become backslash escapes.
 
     On POSIX a file name is bytes; Python decodes the bytes that are not UTF-8 to lone surrogates
     (`caf\\udce9.jpg`), which HDF5 and JSON cannot store. They are written as `\\xe9` instead,
     so the key of the file named b"caf\\xe9.jpg" is the 12-character string `caf\\xe9.jpg`.
+    HDF5 strings end at a NUL byte, so a NUL (possible in a manifest) is written as `\\x00`.
     """
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that did not come from a file name (e.g. JSON "\ud800")
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\0", "\\x00") if "\0" in text else text
+
+
+MAX_KEY_BYTES = 4096
+"""Longest key stored (UTF-8 bytes; Linux's PATH_MAX): a longer one is an error record instead."""
+MAX_TEXT_CHARS = 4096
+"""Error-record fields (messages) longer than this are cut when stored."""
+
+
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be stored as a sample key, or None when it can: HDF5 keeps UTF-8 text
+    without NUL bytes, and keys are bounded (a key is read per lookup)."""
+    if "\0" in key:
+        return "the key holds a NUL byte"
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "the key is not valid Unicode text (a lone surrogate)"
+    if size > MAX_KEY_BYTES:
+        return f"the key is {size:,} bytes long (at most {MAX_KEY_BYTES:,})"
+    return None
+
+
+def storable_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` escaped as `escape_text` does and cut to `limit` characters (with a note of how many
+    were cut): every string field of an error record goes through this before it is stored."""
+    text = escape_text(str(text))
+    if len(text) > limit:
+        text = f"{text[: limit - 32]}... ({len(text) - limit + 32:,} more characters)"
+    return text
 
 
 # C0 and C1 controls (ESC starts ANSI/OSC sequences, CR rewrites a line), DEL, the Unicode line

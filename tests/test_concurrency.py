@@ -73,9 +73,13 @@ def wait(pid: int) -> int:
 
 
 def stored(out: Path) -> dict[str, bytes]:
-    """Every sample's stored rows, as raw bytes."""
-    with open_features(out) as feats:
-        return {key: feats.read_rows(feats.index(key)).tobytes() for key in feats.keys()}
+    """Every sample's stored rows, as raw bytes, after the output verified: each sample against
+    its checksum, and the whole file with inspect's integrity checks."""
+    from merge_cli.output.inspection import inspect_features
+
+    assert inspect_features(out, check=True)["problems"] == []
+    with open_features(out, verify=True) as feats:
+        return {key: feats[key].tokens.numpy().tobytes() for key in feats.keys()}
 
 
 def test_a_second_extract_on_one_out_is_refused(tiny, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from extras import needs_hdf5plugin
 from feature_factory import attrs, bits, failure, features
 
-from merge_cli.errors import FormatError, UsageError
+from merge_cli.errors import FormatError, OutputWriteError, UsageError
 from merge_cli.output.format import decode_attrs, list_shards, shard_dir
 from merge_cli.output.index import build_index
 from merge_cli.output.reader import open_features
@@ -320,7 +320,7 @@ def test_a_failed_file_write_discards_the_shard(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_OpenShard, "_write", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputWriteError, match="r000-00001.h5.tmp: No space left on device"):
         writer.add(features("big.jpg", grid=(1, 40, 40)))  # 400 rows: fills a chunk, which is written
     with pytest.raises(RuntimeError, match="failed earlier"):
         writer.add(features("y.jpg"))

@@ -151,7 +151,10 @@ def _deduplicate(listed: list[Listed] | tuple[Listed, ...], seen: KeyHashSet, li
 
 
 def _path_bytes(path: Path | str) -> bytes:
-    return os.fsencode(path)
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate from a manifest (JSON "\ud800"), not from a file name
+        return os.fspath(path).encode("utf-8", "surrogatepass")
 
 
 def _refuse_or_accept(item: Listed, listing: Listing, keep: np.ndarray, index: int, replaced: dict[int, Listed]) -> None:

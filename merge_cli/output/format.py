@@ -6,11 +6,15 @@ the index builder and the readers agree by construction and import in one direct
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import re
+import shutil
 import socket
+import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from merge_cli.errors import FormatError, UsageError
+from merge_cli.errors import FormatError, OutputWriteError, UsageError
+from merge_cli.records import escape_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -58,12 +63,15 @@ SAMPLE_OVERHEAD_BYTES = 256
 
 NUMERIC_COLUMNS = (
     "offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw", "processor_grid", "frame_offsets",
-    "frame_lengths",
+    "frame_lengths", "crc32",
 )
 SAMPLE_COLUMNS = ("keys", *NUMERIC_COLUMNS, "kind", "decoder")
 """Per-sample datasets (first axis = sample), in every shard and in the index."""
-OPTIONAL_COLUMNS = ("processor_grid",)
-"""Per-sample datasets files written before them lack; `processor_grid` then equals grid_thw[:, 1:]."""
+OPTIONAL_COLUMNS = ("processor_grid", "crc32")
+"""Per-sample datasets files written before them lack; `processor_grid` then equals grid_thw[:, 1:]
+and `crc32` is unknown (NO_CHECKSUM)."""
+NO_CHECKSUM = -1
+"""`crc32` of a sample written before checksums: its rows cannot be verified."""
 FRAME_COLUMNS = ("frame_indices", "frame_times")
 """Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
 
@@ -71,21 +79,22 @@ STRING = h5py.string_dtype("utf-8")
 
 JSON_ATTRS = ("resize_policy", "video_options", "media_options", "settings")
 """Attributes that hold JSON text by contract (given as text or as dicts); readers decode them."""
-SHARD_ATTRS = ("role", "shard_rank", "shard_sequence", "unit")
+SHARD_ATTRS = ("role", "shard_rank", "shard_sequence", "unit", "shard_id")
 """Root attributes that describe one shard file and are not copied into the index."""
 ERROR_FIELDS = ("key", "stage", "type", "message")
 
 TABLE_COLUMNS = (
     "offsets", "lengths", "grid_t", "grid_h", "grid_w", "merged_h", "merged_w", "orig_h", "orig_w",
     "resized_h", "resized_w", "frame_offsets", "frame_lengths", "shard", "shard_offsets", "kind", "decoder",
-    "processor_h", "processor_w",
+    "processor_h", "processor_w", "crc32",
 )
 """Columns of the index's `sample_table` (int64, one row per sample: what a reader needs about a
 sample in one read). `kind` and `decoder` are codes into the `kinds` / `decoders` attributes."""
+TABLE_COLUMNS_BEFORE_CHECKSUMS = TABLE_COLUMNS[:-1]
+"""The `sample_table` of indexes written before checksums (still read; cannot be verified)."""
 KEY_BLOCK = 4096
 """Rows per block of the index's `key_table`: `key_table/fence` holds every block's first hash, so
 a lookup reads the fence once and then one block (its chunk) per key."""
-"""Datasets of the `errors` group, one string per error record."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +234,61 @@ def plain_value(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Confinement: a reader of `feats.h5` touches files inside `feats.h5.d/` only
+
+
+def shard_entry(out: Path, shard: Path) -> str:
+    """How an index names one of its shards: `feats.h5.d/r000-00000.h5`, relative to its folder."""
+    return f"{shard_dir(out).name}/{Path(shard).name}"
+
+
+def confined_shard(out: Path, entry: str) -> Path:
+    """The file an index's `shards/path` entry names, when that is a shard inside `feats.h5.d/`.
+
+    FormatError for anything else: an absolute path, `..`, another folder, a name that is not a
+    shard's. Checked by name only (no file system access), so it is cheap for every entry."""
+    parts = str(entry).split("/")
+    folder = shard_dir(out)
+    if len(parts) != 2 or parts[0] != folder.name or parse_shard_name(parts[1]) is None:
+        raise FormatError(
+            f"{out}: the index names a shard {escape_text(str(entry))[:200]!r} outside {folder.name}/ "
+            "(merge-cli reads shards only there); rebuild the index with merge-cli index"
+        )
+    return folder / parts[1]
+
+
+def check_inside_folder(out: Path, shard: Path) -> None:
+    """FormatError when `shard` (a path inside `feats.h5.d/`) is a link that leads out of it."""
+    real_folder = os.path.realpath(shard_dir(out))
+    if os.path.dirname(os.path.realpath(shard)) != real_folder:
+        raise FormatError(
+            f"{shard} is a link to a file outside {shard_dir(out).name}/ (merge-cli reads shards only there); "
+            "copy the file in place of the link"
+        )
+
+
+def require_local_objects(handle: h5py.File, names: tuple[str, ...] | list[str], path: Path | str) -> None:
+    """FormatError unless every object named (and every group on the way) is stored in this very
+    file: an external or soft link would make a reader follow it into another file."""
+    for name in names:
+        parts = name.split("/")
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            link = handle.get(prefix, getlink=True)
+            if link is not None and not isinstance(link, h5py.HardLink):
+                raise FormatError(
+                    f"{path}: damaged merge-cli output ({prefix!r} is a link to {_link_target(link)}, "
+                    "not data stored in the file)"
+                )
+
+
+def _link_target(link: object) -> str:
+    if isinstance(link, h5py.ExternalLink):
+        return f"another file ({escape_text(str(link.filename))[:200]})"
+    return "another place"
+
+
+# ---------------------------------------------------------------------------------------------
 # Opening files that claim to be ours
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -266,7 +330,9 @@ def check_format(handle: h5py.File, path: Path | str) -> None:
         raise FormatError(f"{path}: damaged HDF5 file ({first_line(error)})") from error
     if name != FORMAT_NAME:
         raise FormatError(f"{path}: an HDF5 file but not a merge-cli output (no format={FORMAT_NAME!r} attribute)")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise FormatError(f"{path}: damaged merge-cli output (format_version is {str(version)[:40]!r}, not an integer)")
+    if version > FORMAT_VERSION:
         raise FormatError(
             f"{path}: written in format version {version}; this merge-cli reads version {FORMAT_VERSION} (upgrade merge-cli)"
         )
@@ -289,6 +355,33 @@ def require_hdf5plugin(path: Path | str | None = None) -> None:
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+RERUN = "run the same command again (finished shards are kept)"
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(error: OSError, path: Path, needed: int | None = None) -> OutputWriteError:
+    """One line for a failed write of the output (disk full, file too large, I/O or permission
+    error): the path, the reason, the bytes that were needed when known, and how to go on."""
+    reason = os.strerror(error.errno) if error.errno else first_line(error)
+    detail = f" (this file needed about {needed / 1e6:,.1f} MB" if needed else ""
+    if error.errno in SPACE_ERRNOS:
+        try:
+            detail += f", {shutil.disk_usage(path.parent).free / 1e6:,.1f} MB are free" if detail else ""
+        except OSError:
+            pass
+        advice = f"free space and {RERUN}"
+    elif error.errno == errno.EFBIG:
+        advice = f"lower --shard-size or raise the file size limit (ulimit -f), and {RERUN}"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        detail, advice = "", f"make {path.parent} writable and {RERUN}"
+    else:
+        detail, advice = "", RERUN
+    return OutputWriteError(f"cannot write {path}: {reason}{detail + ')' if detail else ''}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +411,15 @@ def numpy_to_tokens(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     if dtype_name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def rows_checksum(rows: np.ndarray, running: int = 0) -> int:
+    """CRC-32 (zlib's, IEEE) of stored rows as little-endian bytes in row-major order; `running`
+    continues a checksum over rows read in parts."""
+    rows = np.ascontiguousarray(rows)
+    if sys.byteorder != "little" and rows.dtype.itemsize > 1:
+        rows = rows.astype(rows.dtype.newbyteorder("<"))
+    return zlib.crc32(rows.reshape(-1).view(np.uint8), running)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ offsets, plus which shard and local offset each sample lives at (the reader read
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from merge_cli.output.format import (
     FRAME_COLUMNS,
     KEY_BLOCK,
     LIBVER,
+    NO_CHECKSUM,
     NO_UNIT,
     NUMPY_DTYPES,
     OPTIONAL_COLUMNS,
@@ -34,6 +37,7 @@ from merge_cli.output.format import (
     SHARD_ATTRS,
     STRING,
     TABLE_COLUMNS,
+    check_inside_folder,
     decode_attrs,
     encode_attrs,
     failures_columns,
@@ -43,8 +47,15 @@ from merge_cli.output.format import (
     object_array,
     open_h5,
     read_strings,
+    shard_entry,
     write_columns,
+    write_error,
 )
+
+INDEX_BYTES_PER_SAMPLE = 512
+"""Room the index needs per sample besides its key (measured ~350 B with short keys)."""
+INDEX_BYTES_PER_SHARD = 1024
+INDEX_FIXED_BYTES = 256 * 1024
 
 
 @dataclass
@@ -72,6 +83,8 @@ def read_shard(path: Path) -> _Shard:
             }
             if "processor_grid" not in columns:  # a shard from before the column: the grid used
                 columns["processor_grid"] = columns["grid_thw"][:, 1:].astype(np.int32)
+            if "crc32" not in columns:  # a shard from before checksums: its rows cannot be verified
+                columns["crc32"] = np.full(len(columns["keys"]), NO_CHECKSUM, dtype=np.int64)
             for name in FRAME_COLUMNS:
                 columns[name] = handle[name][()]
             errors = [read_strings(handle["errors"][name]) for name in ERROR_FIELDS]
@@ -99,6 +112,8 @@ def build_index(out: Path, *, attrs: Mapping[str, object] | None = None, wait: f
 
 def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     paths = list_shards(out)
+    for path in paths:  # an index names shards inside its folder only (docs/FORMAT.md, "Confinement")
+        check_inside_folder(out, path)
     shards = [read_shard(path) for path in paths]
     root = _root_attrs(out, shards, attrs)
 
@@ -158,6 +173,8 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in list_index_temporaries(out):  # the output lock is ours: their builders are gone
         stale.unlink(missing_ok=True)
+    needed = _index_bytes(columns, len(shards))
+    _check_room(tmp, needed)
     try:
         with h5py.File(tmp, "x", libver=LIBVER) as handle:
             root.update(
@@ -178,13 +195,18 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
             handle.create_dataset("shard_offsets", data=columns["shard_offsets"])
             _write_lookup_tables(handle, columns)
             group = handle.create_group("shards")
-            group.create_dataset("path", data=object_array([_relative(s.path, out) for s in shards]), dtype=STRING)
+            group.create_dataset("path", data=object_array([shard_entry(out, s.path) for s in shards]), dtype=STRING)
             group.create_dataset("rows", data=np.array([s.rows for s in shards], dtype=np.int64))
             group.create_dataset("samples", data=np.array(kept_per_shard, dtype=np.int64))
             group.create_dataset("errors", data=np.array([len(s.failures) for s in shards], dtype=np.int64))
             group.create_dataset("bytes", data=np.array([s.size for s in shards], dtype=np.int64))
             group.create_dataset("unit", data=np.array([int(s.attrs.get("unit", NO_UNIT)) for s in shards], dtype=np.int64))
+            group.create_dataset("id", data=object_array([str(s.attrs.get("shard_id", "")) for s in shards]), dtype=STRING)
+        _fsync_file(tmp)
         os.replace(tmp, out)
+    except OSError as error:  # the previous index is untouched: only the temporary is dropped
+        tmp.unlink(missing_ok=True)
+        raise write_error(error, tmp, needed) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -201,6 +223,36 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
         "shard_bytes": sum(s.size for s in shards),
         "index_bytes": out.stat().st_size,
     }
+
+
+def _index_bytes(columns: dict[str, np.ndarray], shards: int) -> int:
+    """An upper estimate of the index file's size: its tables, every key twice, the frames."""
+    key_bytes = sum(len(key.encode("utf-8")) for key in columns["keys"])
+    frames = len(columns["frame_indices"])
+    return INDEX_BYTES_PER_SAMPLE * len(columns["keys"]) + 3 * key_bytes + 16 * frames + INDEX_BYTES_PER_SHARD * shards + INDEX_FIXED_BYTES
+
+
+def _check_room(tmp: Path, needed: int) -> None:
+    """Refuse before writing when the index cannot fit (free space, the file size limit): HDF5
+    has crashed (SIGSEGV) closing a file whose writes failed, so such failures are not risked."""
+    if shutil.disk_usage(tmp.parent).free < needed:
+        raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), tmp, needed)
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):  # no such limit on this platform
+        return
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        raise write_error(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), tmp, needed)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> None:
@@ -247,6 +299,7 @@ def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> N
         "decoder": np.searchsorted(np.array(decoders, dtype="S"), columns["decoder"]) if n else np.empty(0),
         "processor_h": columns["processor_grid"][:, 0],
         "processor_w": columns["processor_grid"][:, 1],
+        "crc32": columns["crc32"],
     }
     table = np.stack([parts[name].astype(np.int64) for name in TABLE_COLUMNS], axis=1) if n else np.empty((0, len(TABLE_COLUMNS)), np.int64)
     dataset = handle.create_dataset("sample_table", data=table, chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None)
@@ -290,16 +343,11 @@ def _write_tokens(handle: h5py.File, out: Path, shards: list[_Shard], dtype: str
         start = 0
         for shard in shards:
             if shard.rows:
-                source = h5py.VirtualSource(_relative(shard.path, out), "tokens", shape=(shard.rows, dim), dtype=np_dtype)
+                source = h5py.VirtualSource(shard_entry(out, shard.path), "tokens", shape=(shard.rows, dim), dtype=np_dtype)
                 layout[start : start + shard.rows] = source
                 start += shard.rows
         tokens = handle.create_virtual_dataset("tokens", layout)
     tokens.attrs["dtype"] = dtype
-
-
-def _relative(shard: Path, out: Path) -> str:
-    """The shard's path relative to the index's folder, with '/' (HDF5 resolves it from there)."""
-    return Path(os.path.relpath(shard.resolve(), out.resolve().parent)).as_posix()
 
 
 def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -316,6 +364,7 @@ def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         "orig_hw": np.empty((0, 2), dtype=np.int32),
         "resized_hw": np.empty((0, 2), dtype=np.int32),
         "processor_grid": np.empty((0, 2), dtype=np.int32),
+        "crc32": np.empty(0, dtype=np.int64),
         "frame_offsets": np.empty(0, dtype=np.int64),
         "frame_lengths": np.empty(0, dtype=np.int64),
         "frame_indices": np.empty(0, dtype=np.int64),

@@ -17,10 +17,13 @@ import numpy as np
 
 from merge_cli.errors import FormatError
 from merge_cli.output.format import (
+    NO_CHECKSUM,
+    TABLE_COLUMNS,
     first_line,
     list_shards,
     list_temporaries,
     read_strings,
+    rows_checksum,
     shard_dir,
 )
 from merge_cli.output.reader import FeatureFile, open_features
@@ -123,10 +126,13 @@ def _inspect(features: FeatureFile, key: str | None, check: bool) -> dict:
         "sample": None,
     }
     _check_tables(features, shards, problems)
+    if features.role == "index":
+        _check_virtual_tokens(features, shards, problems)
+        _check_sample_table(features, problems)
     if features.duplicate_keys:
         problems.append(f"{plural(features.duplicate_keys, 'key')} stored more than once (the reader returns the first)")
     if check and not problems:
-        _check_values(features, problems)
+        _check_values(features, problems, notes)
     elif check:
         notes.append("--check skipped the value scan because of the problems above")
     if key is not None:
@@ -205,6 +211,11 @@ def _check_tables(features: FeatureFile, shards: list[dict], problems: list[str]
     report((merged[:, 0] * merge != grid[:, 1]) | (merged[:, 1] * merge != grid[:, 2]),
            f"with merged_hw that is not grid_thw / {merge}")
     report((offsets < 0) | (offsets + lengths > features.rows), f"pointing outside the {plural(features.rows, 'token row')}")
+    kinds = features.column("kind")
+    if kinds.dtype.kind != "S":
+        problems.append(f"the kind table holds {kinds.dtype} values, not the names image and video")
+    else:
+        report((kinds != b"image") & (kinds != b"video"), "whose kind is neither image nor video")
     order = np.argsort(offsets, kind="stable")
     ends = (offsets + lengths)[order]
     overlap = np.zeros(len(keys), dtype=bool)
@@ -226,12 +237,15 @@ def _check_tables(features: FeatureFile, shards: list[dict], problems: list[str]
         problems.append("frame_indices and frame_times have different lengths")
 
 
-def _check_values(features: FeatureFile, problems: list[str]) -> None:
-    """--check: read every stored row once; name the samples with NaN or Inf."""
-    bad_samples: set[int] = set()
+def _check_values(features: FeatureFile, problems: list[str], notes: list[str]) -> None:
+    """--check: read every stored row once; name the samples with NaN or Inf, and those whose rows
+    do not match their CRC-32 (swapped, truncated, zeroed or foreign data)."""
+    nonfinite = np.zeros(len(features), dtype=bool)
+    mismatch = np.zeros(len(features), dtype=bool)
     shard_of = features.column("shard")
     local = features.column("shard_offsets")
     lengths = features.column("lengths")
+    stored = features.column("crc32")
     row_bytes = max(1, features.token_dim * np.dtype(features.h5["tokens"].dtype).itemsize)
     block = max(1, CHECK_BLOCK_BYTES // row_bytes)
     for number, path in enumerate(features.shard_paths):
@@ -239,7 +253,8 @@ def _check_values(features: FeatureFile, problems: list[str]) -> None:
         if not len(members):
             continue
         members = members[np.argsort(local[members], kind="stable")]
-        starts = local[members]
+        starts, ends = local[members], local[members] + lengths[members]
+        running = np.zeros(len(members), dtype=np.int64)  # each member's CRC-32 so far
         tokens = features.shard_tokens(number)
         for begin in range(0, tokens.shape[0], block):
             try:
@@ -247,17 +262,102 @@ def _check_values(features: FeatureFile, problems: list[str]) -> None:
             except OSError as error:
                 problems.append(f"shard {path.name}: rows {begin}..{begin + block} cannot be read ({first_line(error)})")
                 break
+            stop = begin + len(values)
             bad_rows = np.nonzero(_nonfinite_rows(values, features.dtype_name))[0] + begin
-            if not len(bad_rows):
-                continue
-            owner = np.searchsorted(starts, bad_rows, side="right") - 1
-            inside = (owner >= 0) & (bad_rows < starts[owner.clip(0)] + lengths[members[owner.clip(0)]])
-            bad_samples.update(int(members[o]) for o in owner[inside])
-    if bad_samples:
-        keys = features.keys()
-        mask = np.zeros(len(keys), dtype=bool)
-        mask[sorted(bad_samples)] = True
-        problems.append(f"{plural(len(bad_samples), 'sample')} with NaN or Inf tokens: {_examples(keys, mask)}")
+            if len(bad_rows):
+                owner = np.searchsorted(starts, bad_rows, side="right") - 1
+                inside = (owner >= 0) & (bad_rows < ends[owner.clip(0)])
+                nonfinite[members[owner[inside]]] = True
+            # Members with rows in this block: [first, last), as offsets are sorted.
+            first, last = np.searchsorted(ends, begin, side="right"), np.searchsorted(starts, stop, side="left")
+            for i in range(first, last):
+                lo, hi = max(starts[i], begin), min(ends[i], stop)
+                running[i] = rows_checksum(values[lo - begin : hi - begin], int(running[i]))
+        known = stored[members] != NO_CHECKSUM
+        mismatch[members[known & (running != stored[members])]] = True
+    keys = features.keys() if nonfinite.any() or mismatch.any() else []
+    if mismatch.any():
+        problems.append(
+            f"{plural(int(mismatch.sum()), 'sample')} whose rows do not match their checksum (changed after "
+            f"they were written: a swapped, truncated or foreign shard?): {_examples(keys, mismatch)}"
+        )
+    if nonfinite.any():
+        problems.append(f"{plural(int(nonfinite.sum()), 'sample')} with NaN or Inf tokens: {_examples(keys, nonfinite)}")
+    unverifiable = int((stored == NO_CHECKSUM).sum())
+    if unverifiable:
+        notes.append(
+            f"{plural(unverifiable, 'sample')} written without checksums (before merge-cli stored them): "
+            "their rows could not be verified"
+        )
+
+
+def _check_virtual_tokens(features: FeatureFile, shards: list[dict], problems: list[str]) -> None:
+    """The index's `tokens` (what plain h5py reads) must map exactly the shards' rows, in order:
+    a virtual source anywhere else would hand h5py users another file's data."""
+    tokens = features.h5["tokens"]
+    expected = [(entry["name"], entry["rows"]) for entry in shards if entry["rows"]]
+    if not tokens.is_virtual:
+        if expected or tokens.shape[0]:
+            problems.append("the index's tokens are not a view of its shards (rebuild it with merge-cli index)")
+        return
+    found = []
+    for source in tokens.virtual_sources():  # where each source lands in the index's rows
+        (first, _), (last, _) = source.vspace.get_select_bounds()
+        found.append((source.file_name, source.dset_name, int(first), int(last) + 1))
+    starts = np.concatenate([[0], np.cumsum([rows for _, rows in expected])])
+    if found != [(name, "tokens", int(starts[i]), int(starts[i + 1])) for i, (name, _) in enumerate(expected)]:
+        outside = next((f for f in found if f[0] not in {name for name, _ in expected} or f[1] != "tokens"), None)
+        where = f" (e.g. {outside[0][:200]!r}:{outside[1][:50]})" if outside else ""
+        problems.append(
+            f"the index's tokens map other data than its shards' rows{where}: plain h5py readers would read "
+            "the wrong rows (rebuild it with merge-cli index)"
+        )
+
+
+def _check_sample_table(features: FeatureFile, problems: list[str]) -> None:
+    """The index's `sample_table` (what open_features reads) must equal its per-sample datasets
+    (what inspect and plain h5py read)."""
+    table = features.h5["sample_table"]
+    if table.shape[1] not in (len(TABLE_COLUMNS), len(TABLE_COLUMNS) - 1):
+        return  # the reader refused such a table already
+    values = table[()]
+    kinds = [name.encode() for name in _json_list(table.attrs.get("kinds"))]
+    decoders = [name.encode() for name in _json_list(table.attrs.get("decoders"))]
+    expected = {
+        "offsets": features.column("offsets"), "lengths": features.column("lengths"),
+        "grid_t": features.column("grid_thw")[:, 0], "grid_h": features.column("grid_thw")[:, 1],
+        "grid_w": features.column("grid_thw")[:, 2], "merged_h": features.column("merged_hw")[:, 0],
+        "merged_w": features.column("merged_hw")[:, 1], "orig_h": features.column("orig_hw")[:, 0],
+        "orig_w": features.column("orig_hw")[:, 1], "resized_h": features.column("resized_hw")[:, 0],
+        "resized_w": features.column("resized_hw")[:, 1], "frame_offsets": features.column("frame_offsets"),
+        "frame_lengths": features.column("frame_lengths"), "shard": features.column("shard"),
+        "shard_offsets": features.column("shard_offsets"), "processor_h": features.column("processor_grid")[:, 0],
+        "processor_w": features.column("processor_grid")[:, 1], "crc32": features.column("crc32"),
+    }
+    differ = [
+        name for number, name in enumerate(TABLE_COLUMNS[: table.shape[1]])
+        if name in expected and not np.array_equal(values[:, number], expected[name])
+    ]
+    for number, (name, names) in ((15, ("kind", kinds)), (16, ("decoder", decoders))):
+        codes = values[:, number]
+        column = features.column(name)
+        if ((codes < 0) | (codes >= len(names))).any() or not np.array_equal(np.array(names, dtype="S")[codes.clip(0, max(len(names) - 1, 0))] if names else column[:0], column):
+            differ.append(name)
+    if differ:
+        problems.append(
+            f"the index's sample_table disagrees with its tables ({', '.join(differ[:5])}): open_features would "
+            "read other numbers than plain h5py (rebuild it with merge-cli index)"
+        )
+
+
+def _json_list(value: object) -> list[str]:
+    import json
+
+    try:
+        decoded = json.loads(value.decode() if isinstance(value, bytes) else str(value))
+    except ValueError:
+        return []
+    return [str(v) for v in decoded] if isinstance(decoded, list) else []
 
 
 def _nonfinite_rows(values: np.ndarray, dtype_name: str) -> np.ndarray:

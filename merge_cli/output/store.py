@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from merge_cli.errors import FormatError, OutputBusyError, UsageError
+from merge_cli.errors import FormatError, OutputBusyError, OutputWriteError, UsageError
 from merge_cli.output import locks
 from merge_cli.output.format import (
     CHUNK_TARGET_BYTES,
@@ -55,13 +56,20 @@ from merge_cli.output.format import (
     parse_shard_name,
     read_strings,
     require_hdf5plugin,
+    rows_checksum,
     shard_dir,
     shard_name,
     tokens_to_numpy,
     unit_marker_name,
     write_columns,
+    write_error,
 )
-from merge_cli.records import Failure, Features
+from merge_cli.records import Failure, Features, key_problem, storable_text
+
+
+class UnstorableSample(ValueError):
+    """A sample the format cannot hold (its key has a NUL byte, is not valid text, or is too
+    long). Raised by `ShardWriter.add` before anything is written: store an error record instead."""
 
 # ---------------------------------------------------------------------------------------------
 # The shard writer
@@ -96,6 +104,8 @@ class _SampleRows:
     decoder: str
     frame_indices: list[int]
     frame_times: list[float]
+    crc32: int
+    """CRC-32 of the stored rows (docs/FORMAT.md, "Checksums")."""
 
 
 class ShardWriter:
@@ -166,7 +176,10 @@ class ShardWriter:
         return self._finished_bytes + sum(shard.estimated_bytes() for shard in self._shards.values())
 
     def add(self, features: Features, unit: int = NO_UNIT) -> None:
-        """Store one sample's tokens; rolls to a new shard when this one would exceed `shard_bytes`."""
+        """Store one sample's tokens; rolls to a new shard when this one would exceed `shard_bytes`.
+
+        Raises UnstorableSample, before touching any file, for a sample whose key the format cannot
+        hold: the caller stores an error record for it and goes on."""
         self._check_open()
         rows, meta = self._prepare(features)
         shard = self._shards.get(unit)
@@ -180,9 +193,10 @@ class ShardWriter:
         self.tokens_written += len(rows)
 
     def add_failure(self, failure: Failure, unit: int = NO_UNIT) -> None:
-        """Store an error record (key, stage, type, message)."""
+        """Store an error record (key, stage, type, message). Every field is made storable first
+        (escaped, cut to a bounded length): an error record never fails to store."""
         self._check_open()
-        record = (str(failure.key), str(failure.stage), str(failure.error_type), str(failure.message))
+        record = tuple(storable_text(field) for field in (failure.key, failure.stage, failure.error_type, failure.message))
         extra = SAMPLE_OVERHEAD_BYTES + sum(len(s.encode()) for s in record)
         shard = self._shards.get(unit)
         if shard is not None and not shard.empty:
@@ -206,12 +220,18 @@ class ShardWriter:
         if self._closed:
             return
         self._closed = True
+        first_error: OutputWriteError | None = None
         for unit, shard in list(self._shards.items()):
             if shard.broken:
                 shard.discard()
                 del self._shards[unit]
-            else:
+                continue
+            try:
                 self._commit(unit)
+            except OutputWriteError as error:  # the others may still fit: try each, report the first
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
 
     def abort(self) -> None:
         """Drop the open shards without committing them (their temporary files are deleted)."""
@@ -251,6 +271,9 @@ class ShardWriter:
 
     def _prepare(self, features: Features) -> tuple[np.ndarray, _SampleRows]:
         """Validate one record and turn it into stored rows + metadata, before touching any file."""
+        problem = key_problem(str(features.key))
+        if problem is not None:
+            raise UnstorableSample(f"cannot store this sample: {problem}")
         tokens = features.tokens
         if tokens.dim() != 3:
             raise ValueError(f"{features.key}: tokens must be (t, h/m * w/m, D); got shape {tuple(tokens.shape)}")
@@ -292,6 +315,7 @@ class ShardWriter:
             decoder=str(features.decoder),
             frame_indices=frame_indices,
             frame_times=frame_times,
+            crc32=rows_checksum(rows),
         )
         return rows, meta
 
@@ -300,7 +324,10 @@ class ShardWriter:
         if shard is None:
             final = shard_dir(self.out) / shard_name(self.rank, self._sequence)
             self._sequence += 1
-            attrs = dict(self._attrs, role="shard", shard_rank=self.rank, shard_sequence=self._sequence - 1, unit=unit)
+            attrs = dict(
+                self._attrs, role="shard", shard_rank=self.rank, shard_sequence=self._sequence - 1, unit=unit,
+                shard_id=uuid.uuid4().hex,
+            )
             if self._token_dim is not None:
                 attrs["token_dim"] = self._token_dim
             shard = self._shards[unit] = _OpenShard(
@@ -354,6 +381,8 @@ class _OpenShard:
         self.buffer: np.ndarray | None = None
         self.fill = 0
         self.broken = False
+        self.owns_tmp = False
+        """Whether this writer created `tmp` (never delete a file another writer made)."""
         self.file: h5py.File | None = None
         self.tokens: h5py.Dataset | None = None
 
@@ -376,6 +405,9 @@ class _OpenShard:
         meta.offset = self.rows
         try:
             self._append_rows(rows)
+        except OSError as error:
+            self.broken = True
+            raise write_error(error, self.tmp, self.estimated_bytes(extra_rows=len(rows))) from error
         except BaseException:
             self.broken = True
             raise
@@ -391,6 +423,7 @@ class _OpenShard:
             self.file = h5py.File(self.tmp, "x", libver=LIBVER)
         except FileExistsError as error:
             raise OutputBusyError(f"{self.tmp} already exists: another process writes this rank's shards") from error
+        self.owns_tmp = True
         for name, value in self.attrs.items():
             self.file.attrs[name] = value
 
@@ -473,11 +506,15 @@ class _OpenShard:
                 self.file.attrs["token_dim"] = self.token_dim
             write_tables(self.file, self.samples, self.failures)
             self.file.close()
+            _fsync(self.tmp, strict=True)  # a full disk may first say so here (NFS, delayed allocation)
+            os.replace(self.tmp, self.final)
+        except OSError as error:
+            needed = self.estimated_bytes()
+            self.discard()
+            raise write_error(error, self.tmp, needed) from error
         except BaseException:
             self.discard()
             raise
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.final)
         _fsync(self.final.parent)
         return self.final
 
@@ -488,7 +525,8 @@ class _OpenShard:
             except Exception:  # the file is being thrown away; closing it is a courtesy
                 pass
             self.file = None
-        self.tmp.unlink(missing_ok=True)
+        if self.owns_tmp:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _meta_bytes(meta: _SampleRows) -> int:
@@ -496,19 +534,25 @@ def _meta_bytes(meta: _SampleRows) -> int:
     return SAMPLE_OVERHEAD_BYTES + text + 16 * len(meta.frame_indices)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data (before its rename) or a folder's entries (after it) to disk. Best
-    effort: not every platform can open a folder."""
+def _fsync(path: Path, *, strict: bool = False) -> None:
+    """Flush a file's data (before its rename) or a folder's entries (after it) to disk. A file's
+    flush failing is an error with `strict` (its data may not be on disk); a folder's is best
+    effort (not every platform can open a folder)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
+
+
 
 
 def write_tables(file: h5py.File, samples: list[_SampleRows], failures: list[tuple[str, str, str, str]]) -> None:
@@ -531,6 +575,7 @@ def write_tables(file: h5py.File, samples: list[_SampleRows], failures: list[tup
         "decoder": ascii_array([s.decoder for s in samples]),
         "frame_offsets": frame_offsets,
         "frame_lengths": frame_counts,
+        "crc32": np.array([s.crc32 for s in samples], dtype=np.int64),
         "frame_indices": np.array([i for s in samples for i in s.frame_indices], dtype=np.int64),
         "frame_times": np.array([x for s in samples for x in s.frame_times], dtype=np.float64),
     }
@@ -652,10 +697,14 @@ def write_unit_marker(out: Path, unit: int, marker: Mapping[str, object]) -> Pat
 
     final = shard_dir(out) / unit_marker_name(unit)
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(dict(marker, unit=unit), sort_keys=True))
-    _fsync(tmp)
-    os.replace(tmp, final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dict(marker, unit=unit), sort_keys=True))
+        _fsync(tmp, strict=True)
+        os.replace(tmp, final)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(error, tmp) from error
     _fsync(final.parent)
     return final
 

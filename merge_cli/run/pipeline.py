@@ -528,15 +528,23 @@ class _BackgroundWriter:
         write_unit_marker(self.writer.out, unit, self.feed.marker(unit, names, **self.marker_extra))
 
     def _store(self, results: Iterable[Features | Failure]) -> None:
+        from merge_cli.output.store import UnstorableSample
+
         for result in results:
             unit = self.feed.unit_of(result.key)
-            if isinstance(result, Failure):
-                self.writer.add_failure(result, unit)
-                _record_failure(self.summary, result)
-                self.reporter.failed(result)
+            failure = result if isinstance(result, Failure) else None
+            if failure is None:
+                try:
+                    self.writer.add(result, unit)
+                except UnstorableSample as error:  # one poison sample stays one error record
+                    failure = Failure(result.key, "store", "UnstorableKey", str(error))
+            if failure is not None:
+                self.writer.add_failure(failure, unit)
+                _record_failure(self.summary, failure)
+                self.reporter.failed(failure)
                 self.reporter.advance(failures=1)
             else:
-                self.writer.add(result, unit)
+                assert isinstance(result, Features)
                 self.summary.written += 1
                 if result.processor_grid is not None and tuple(result.processor_grid) != tuple(result.grid_thw[1:]):
                     self.summary.made_even += 1
@@ -544,7 +552,7 @@ class _BackgroundWriter:
                 patch_tokens = result.grid_thw[0] * result.grid_thw[1] * result.grid_thw[2]
                 self.summary.patch_tokens += patch_tokens
                 self.reporter.advance(samples=1, tokens=patch_tokens)
-            if self.feed.stored(result):
+            if self.feed.stored(failure or result):
                 self._finish_unit(unit)
 
 
