@@ -395,3 +395,67 @@ def test_inspect_key_and_failures_escape_but_json_stays_exact(cli, hostile_outpu
     assert "\\x1b[2Jwipe.jpg\tdecode\t" in listed.stdout
     records = [json.loads(line) for line in cli("inspect", str(hostile_output), "--failures", "--json").stdout.splitlines()]
     assert sorted(r["key"] for r in records) == sorted(HOSTILE_NAMES)
+
+
+# -- tower configs that describe more than their weights --------------------------------------------
+
+
+def _extract_with_tower(folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """extract in a child with 1 GB of heap (a real run of a tiny tower needs well under half):
+    a config that allocates what its files cannot hold fails there, not on the machine."""
+    image = make_image(tmp_path / "media" / "a.png", 56, 84)
+    return subprocess.run(
+        [*MERGE_CLI, "extract", "--input", str(image), "--out", str(tmp_path / "f.h5"), "--tower", str(folder), *CPU],
+        capture_output=True, text=True, timeout=180, preexec_fn=_limited(1000),
+    )
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    target = config["vision_config"] if "vision_config" in config else config
+    target.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_a_million_layer_onevision_config_is_refused_before_building(tmp_path):
+    from tower_factory import save_onevision
+
+    folder = save_onevision(tmp_path / "tower")
+    _edit_config(folder, num_hidden_layers=1_000_000)
+    done = _extract_with_tower(folder, tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = _one_error_line(done)
+    assert "describes a tower of at least" in line and "(layers 1,000,000, width 64" in line
+    assert "refused before building it" in line
+
+
+@pytest.mark.parametrize(
+    "changes, described",
+    [({"num_hidden_layers": 100_000}, "layers 100,000"), ({"image_size": 10**6}, "image_size 1,000,000")],
+)
+def test_an_absurd_hugging_face_tower_config_is_refused_before_building(tmp_path, changes, described):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    from tower_factory import save_hf
+
+    config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, patch_size=14, image_size=56)
+    folder = save_hf(transformers.SiglipVisionModel(config), tmp_path / "siglip")
+    _edit_config(folder, **changes)
+    done = _extract_with_tower(folder, tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = _one_error_line(done)
+    assert "describes a tower of at least" in line and described in line
+
+
+def test_the_parameter_floor_never_refuses_a_real_tower(tmp_path):
+    """A tower whose real count is close to the floor (thin, many layers, a wide MLP: about 2x
+    the floor; published towers are 3x or more) still loads."""
+    import torch
+    from tower_factory import onevision_config, save_onevision
+
+    from merge_cli.models.towers import load_tower
+
+    config = onevision_config(num_hidden_layers=12, intermediate_size=1024)
+    folder = save_onevision(tmp_path / "tower", config, dtype=torch.bfloat16)
+    assert load_tower(str(folder)).num_layers == 12

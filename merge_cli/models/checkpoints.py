@@ -37,6 +37,31 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors or *.bin weight files in {path}")
 
 
+def stored_values(path: Path | str) -> int:
+    """How many values a checkpoint's weight files hold, without reading any tensor: exact for
+    .safetensors (the shapes in each header), a ceiling for pickles (two per byte of the file: no
+    stored dtype packs more)."""
+    total = 0
+    for file in checkpoint_files(Path(path)):
+        if file.suffix in SAFETENSORS_SUFFIXES:
+            total += _safetensors_values(file)
+        else:
+            total += 2 * file.stat().st_size
+    return total
+
+
+def _safetensors_values(file: Path) -> int:
+    import math
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {file}: not a readable .safetensors file ({_first_line(error)})") from error
+
+
 def read_tensors(path: Path | str, keep: KeyFilter | None = None) -> dict[str, torch.Tensor]:
     """All tensors (or those whose name passes `keep`) from a checkpoint file or folder, on CPU."""
     tensors: dict[str, torch.Tensor] = {}

@@ -132,7 +132,10 @@ def load_tower(spec: str = DEMO_SPEC, *, layer: int = -1, trust_remote_code: boo
         raise CheckpointError(
             f"--tower {spec} is a file; give the model folder that holds config.json and the weights"
         )
-    from merge_cli.models.towers._common import read_model_config
+    from merge_cli.models.towers._common import (
+        read_model_config,
+        refuse_impossible_size,
+    )
 
     config = read_model_config(folder)
     model_type = config["model_type"]
@@ -142,6 +145,7 @@ def load_tower(spec: str = DEMO_SPEC, *, layer: int = -1, trust_remote_code: boo
             module_name = "remote"
         else:
             raise CheckpointError(_unknown_model_type(folder, model_type, config))
+    refuse_impossible_size(folder, config, module_name)
     module = importlib.import_module(f"merge_cli.models.towers.{module_name}")
     return module.load(folder, config, layer=layer, trust_remote_code=trust_remote_code)
 

@@ -41,6 +41,59 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+# Learned position tables, one row per patch of the config's image_size: these towers hold them.
+_LEARNED_POSITIONS = frozenset({"siglip", "clip", "dinov2"})
+
+
+def refuse_impossible_size(folder: Path, config: dict[str, Any], module: str) -> None:
+    """Refuse a config that describes more parameters than its weight files can hold, before any
+    module is built (`num_hidden_layers: 1000000` took 4 GB and two minutes to reach the weight
+    check). Both sides are bounds, never estimates: the count is a floor that every tower kind
+    here exceeds (per block one width x width projection and one width x intermediate MLP matrix,
+    the patch embedding, a learned position table), and the weight files' headers say how many
+    values they hold (`stored_values`). No tensor is read."""
+    from merge_cli.models.checkpoints import stored_values
+
+    vision = config["vision_config"] if isinstance(config.get("vision_config"), dict) else config
+    layers = _size_setting(vision, "num_hidden_layers", "depth", "num_layers")
+    width = _size_setting(vision, "embed_dim", "hidden_size")  # Qwen2-VL's hidden_size is its merger's output
+    inner = _size_setting(vision, "intermediate_size")
+    patch = _size_setting(vision, "patch_size")
+    image = _size_setting(vision, "image_size")
+    if width is None:
+        return
+    floor = width * (width + (inner or 0)) * (layers or 1) + 3 * (patch or 1) ** 2 * width
+    if module in _LEARNED_POSITIONS and image is not None and patch is not None:
+        floor += (image // patch) ** 2 * width
+    capacity = stored_values(folder)
+    if floor > capacity:
+        described = ", ".join(
+            f"{name} {_count(value)}" for name, value in (
+                ("layers", layers), ("width", width), ("intermediate_size", inner), ("patch_size", patch),
+                ("image_size", image if module in _LEARNED_POSITIONS else None),
+            ) if value is not None
+        )
+        raise CheckpointError(
+            f"{folder / 'config.json'} describes a tower of at least {_count(floor)} parameters ({described}), "
+            f"but its weight files hold {capacity:,} values: refused before building it"
+        )
+
+
+def _size_setting(config: dict[str, Any], *names: str) -> int | None:
+    """The first of `names` that the config sets to a positive integer (anything else is left to
+    the tower's own checks)."""
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _count(number: int) -> str:
+    """`1,234,567`, or for a number of more than 30 digits its order (`about 10^312`)."""
+    return f"{number:,}" if number.bit_length() <= 100 else f"about 10^{int((number.bit_length() - 1) * 0.30103)}"
+
+
 def read_normalization(folder: Path, default: Normalization) -> Normalization:
     """Image mean and std from the folder's `preprocessor_config.json`, else the tower's default.
 
