@@ -8,11 +8,13 @@ budget and runs the models; a writer thread stores results so disk I/O overlaps 
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from merge_cli.run.batching import TokenBatcher
 from merge_cli.run.compute import FeatureExtractor, PendingOutput, resolve_device
 from merge_cli.run.distributed import DistContext, unit_claims
 from merge_cli.run.feed import Todo, UnitPlan, WorkFeed
+from merge_cli.run.lifeline import exit_with_parent
 from merge_cli.run.progress import Reporter
 
 RANDOM_PROJECTOR_SEED = 1234
@@ -468,7 +471,8 @@ def _identity(value):
 def _decoded(feed: WorkFeed, media: MediaOptions, workers: int) -> Iterator[tuple[Item | Failure, float]]:
     options: dict = dict(batch_size=None, sampler=feed, num_workers=workers, collate_fn=_identity)
     if workers > 0:
-        options.update(prefetch_factor=4, persistent_workers=False)
+        # Workers die with this process, even by kill -9 (see lifeline.py).
+        options.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=partial(exit_with_parent, os.getpid()))
         if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
             options["in_order"] = False  # a slow video must not hold up the images behind it
     return iter(torch.utils.data.DataLoader(_DecodeDataset(media), **options))
