@@ -24,6 +24,7 @@ from merge_cli.output.format import decode_attrs, list_shards, shard_dir
 from merge_cli.output.index import build_index
 from merge_cli.output.reader import open_features
 from merge_cli.output.store import ShardWriter, _OpenShard, remove_output, scan_existing
+from merge_cli.records import Failure
 
 
 def write(out: Path, records, **options) -> ShardWriter:
@@ -430,3 +431,37 @@ def test_overwrite_refuses_shard_named_files_merge_cli_did_not_write(tmp_path, f
     with pytest.raises(FormatError, match="r000-00007.h5"):
         remove_output(out)
     assert intruder.exists() and out.exists() and len(list_shards(out)) == 2  # nothing deleted
+
+
+def test_index_dedup_checks_keys_when_hashes_collide(tmp_path, monkeypatch):
+    """With a 2-bit key hash nearly every key shares its hash: the index must still keep each
+    distinct key's first copy (shard order), drop only real later copies, and find every key."""
+    import merge_cli.output.index as index_module
+    import merge_cli.output.reader as reader_module
+    from merge_cli.hashing import key_hash, key_hashes
+
+    monkeypatch.setattr(index_module, "key_hashes", lambda keys: key_hashes(keys) % np.uint64(4))
+    monkeypatch.setattr(reader_module, "key_hash", lambda key: key_hash(key) % 4)
+    out = tmp_path / "feats.h5"
+    rng = np.random.default_rng()
+    written: list[tuple[int, list]] = []
+    for rank in range(3):  # overlapping --rank runs: some keys written by several ranks
+        keys = [f"k{i}.jpg" for i in sorted(rng.choice(40, size=20, replace=False))]
+        records = [features(key) if rng.random() > 0.2 else failure(key) for key in keys]
+        write(out, records, rank=rank, shard_bytes=30_000)
+        written.append((rank, records))
+    first: dict[str, object] = {}  # the slow reference: first copy in (rank, sequence) order
+    for _, records in written:
+        for record in records:
+            if not isinstance(record, Failure):
+                first.setdefault(record.key, record)
+    copies = sum(1 for _, records in written for r in records if not isinstance(r, Failure)) - len(first)
+    failed = {r.key for _, records in written for r in records if isinstance(r, Failure)} - set(first)
+    summary = build_index(out)
+    assert summary["samples"] == len(first) and summary["duplicates"] == copies
+    with open_features(out) as feats:
+        assert sorted(feats.keys()) == sorted(first) and len(set(feats.keys())) == len(first)
+        for key, record in first.items():
+            assert torch.equal(bits(feats[key].tokens), bits(record.tokens)), key
+        assert "absent.jpg" not in feats
+        assert {f.key for f in feats.failures()} == failed

@@ -72,6 +72,8 @@ OPTIONAL_COLUMNS = ("processor_grid", "crc32")
 and `crc32` is unknown (NO_CHECKSUM)."""
 NO_CHECKSUM = -1
 """`crc32` of a sample written before checksums: its rows cannot be verified."""
+KINDS = ("image", "video")
+"""The values of the `kind` column (sorted: the index's `sample_table` codes are positions here)."""
 FRAME_COLUMNS = ("frame_indices", "frame_times")
 """Ragged per-frame datasets, addressed by frame_offsets/frame_lengths."""
 

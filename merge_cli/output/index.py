@@ -28,9 +28,11 @@ from merge_cli.output.format import (
     FORMAT_VERSION,
     FRAME_COLUMNS,
     KEY_BLOCK,
+    KINDS,
     LIBVER,
     NO_CHECKSUM,
     NO_UNIT,
+    NUMERIC_COLUMNS,
     NUMPY_DTYPES,
     OPTIONAL_COLUMNS,
     SAMPLE_COLUMNS,
@@ -48,7 +50,6 @@ from merge_cli.output.format import (
     open_h5,
     read_strings,
     shard_entry,
-    write_columns,
     write_error,
 )
 
@@ -60,41 +61,141 @@ INDEX_FIXED_BYTES = 256 * 1024
 
 @dataclass
 class _Shard:
+    """What the first pass keeps of one complete shard: its numbers, its key hashes (8 bytes per
+    sample), its error records. No per-sample Python object: the index of 100M samples is built
+    in about 20 bytes of memory per sample plus one shard's tables at a time."""
+
     path: Path
     attrs: dict
     dtype: str
     rows: int
     dim: int
-    columns: dict[str, np.ndarray]
+    samples: int
+    hashes: np.ndarray
+    """key_hash of every sample's key, in shard order."""
+    key_bytes: int
+    frames: int
+    decoders: set[str]
     failures: list[tuple[str, str, str, str]]
     size: int
+    keep: np.ndarray | None = None
+    """Which samples the index keeps (the first copy of each key), set by `_keep_first`."""
 
 
-def read_shard(path: Path) -> _Shard:
-    """Everything but the tokens of one complete shard."""
+def _scan_shard(path: Path) -> _Shard:
+    """First pass over one complete shard: everything but its per-sample tables and tokens."""
     with open_h5(path) as handle:
         try:
             attrs = decode_attrs(handle.attrs)
             tokens = handle["tokens"]
-            columns = {
-                name: object_array(read_strings(handle[name])) if name == "keys" else handle[name][()]
-                for name in SAMPLE_COLUMNS
-                if name not in OPTIONAL_COLUMNS or name in handle
-            }
-            if "processor_grid" not in columns:  # a shard from before the column: the grid used
-                columns["processor_grid"] = columns["grid_thw"][:, 1:].astype(np.int32)
-            if "crc32" not in columns:  # a shard from before checksums: its rows cannot be verified
-                columns["crc32"] = np.full(len(columns["keys"]), NO_CHECKSUM, dtype=np.int64)
-            for name in FRAME_COLUMNS:
-                columns[name] = handle[name][()]
+            keys = read_strings(handle["keys"])
+            missing = [name for name in (*SAMPLE_COLUMNS, *FRAME_COLUMNS) if name not in handle and name not in OPTIONAL_COLUMNS]
+            if missing:
+                raise KeyError(missing[0])
+            decoders = {d.decode("ascii", "replace") for d in np.unique(handle["decoder"][()])} if keys else set()
             errors = [read_strings(handle["errors"][name]) for name in ERROR_FIELDS]
             rows, dim = (int(s) for s in tokens.shape)
             dtype = str(tokens.attrs.get("dtype", attrs.get("dtype")))
+            frames = int(handle["frame_indices"].shape[0])
         except (KeyError, OSError, ValueError) as error:
             raise FormatError(f"{path}: damaged shard ({error})") from error
     if dtype not in NUMPY_DTYPES:
         raise FormatError(f"{path}: unknown stored dtype {dtype!r}")
-    return _Shard(path, attrs, dtype, rows, dim, columns, list(zip(*errors)), path.stat().st_size)
+    return _Shard(
+        path, attrs, dtype, rows, dim, len(keys), key_hashes(keys), sum(len(k.encode("utf-8")) for k in keys),
+        frames, decoders, list(zip(*errors)), path.stat().st_size,
+    )
+
+
+def _read_columns(shard: _Shard) -> dict[str, np.ndarray]:
+    """Second pass: one shard's per-sample and per-frame tables."""
+    with open_h5(shard.path) as handle:
+        try:
+            columns = {
+                name: object_array(read_strings(handle[name])) if name == "keys" else handle[name][()]
+                for name in (*SAMPLE_COLUMNS, *FRAME_COLUMNS)
+                if name not in OPTIONAL_COLUMNS or name in handle
+            }
+        except (KeyError, OSError, ValueError) as error:
+            raise FormatError(f"{shard.path}: damaged shard ({error})") from error
+    n = shard.samples
+    if "processor_grid" not in columns:  # a shard from before the column: the grid used
+        columns["processor_grid"] = columns["grid_thw"][:, 1:].astype(np.int32)
+    if "crc32" not in columns:  # a shard from before checksums: its rows cannot be verified
+        columns["crc32"] = np.full(n, NO_CHECKSUM, dtype=np.int64)
+    if any(len(columns[name]) != n for name in SAMPLE_COLUMNS) or not np.array_equal(key_hashes(columns["keys"]), shard.hashes):
+        raise FormatError(f"{shard.path}: damaged shard (its tables do not all have {n} rows), or it changed while indexed")
+    expected = np.concatenate([[0], np.cumsum(columns["frame_lengths"])[:-1]]) if n else columns["frame_offsets"]
+    if not np.array_equal(columns["frame_offsets"], expected) or int(columns["frame_lengths"].sum()) != len(columns["frame_indices"]):
+        raise FormatError(f"{shard.path}: damaged shard (frame offsets do not match frame lengths)")
+    return columns
+
+
+def _keys_at(shards: list[_Shard], starts: np.ndarray, positions: np.ndarray) -> dict[int, str]:
+    """The keys at global sample positions (shard order), reading each shard's keys at most once."""
+    found: dict[int, str] = {}
+    owners = np.searchsorted(starts, positions, side="right") - 1
+    for number in np.unique(owners):
+        shard = shards[int(number)]
+        wanted = positions[owners == number]
+        with open_h5(shard.path) as handle:
+            keys = read_strings(handle["keys"])
+        for position in wanted.tolist():
+            found[position] = keys[position - int(starts[number])]
+    return found
+
+
+def _keep_first(shards: list[_Shard]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Mark the first copy of every key, in shard order (`keep` of each shard); return the number
+    of later copies, the kept samples' hashes, and the sample start of each shard.
+
+    Equal 64-bit hashes are checked on the keys themselves, which are read again only for them:
+    later copies of a key (overlapping --rank runs) or, about once in 10^4 outputs of 100M
+    samples, two keys sharing a hash."""
+    counts = np.array([s.samples for s in shards], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]) if len(shards) else np.zeros(1, np.int64)
+    hashes = np.concatenate([s.hashes for s in shards]) if shards else np.empty(0, np.uint64)
+    keep = np.ones(len(hashes), dtype=bool)
+    order = np.argsort(hashes, kind="stable")  # equal hashes stay in shard order
+    sorted_hashes = hashes[order]
+    same = np.nonzero(sorted_hashes[1:] == sorted_hashes[:-1])[0]
+    if len(same):
+        in_runs = np.unique(np.concatenate([same, same + 1]))
+        keys = _keys_at(shards, starts, order[in_runs])
+        seen_in_run: set[str] = set()
+        for i, position in enumerate(order[in_runs].tolist()):
+            if i and sorted_hashes[in_runs[i]] != sorted_hashes[in_runs[i - 1]]:
+                seen_in_run = set()  # a new run of equal hashes
+            if keys[position] in seen_in_run:
+                keep[position] = False
+            seen_in_run.add(keys[position])
+    for number, shard in enumerate(shards):
+        shard.keep = keep[starts[number] : starts[number + 1]]
+    return int((~keep).sum()), hashes[keep], starts
+
+
+def _errors_without_features(shards: list[_Shard], kept: np.ndarray, starts: np.ndarray) -> list[tuple[str, str, str, str]]:
+    """Error records of keys that have no features in any shard; a key's last record wins."""
+    records = [record for shard in shards for record in shard.failures]
+    if not records:
+        return []
+    hashes = key_hashes(record[0] for record in records)
+    kept_sorted = np.sort(kept)
+    hit = np.zeros(len(records), dtype=bool)
+    if len(kept_sorted):
+        position = np.minimum(np.searchsorted(kept_sorted, hashes), len(kept_sorted) - 1)
+        hit = kept_sorted[position] == hashes
+    stored: set[str] = set()
+    if hit.any():  # an error key whose hash is a stored sample's: compare the keys themselves
+        all_hashes = np.concatenate([s.hashes for s in shards])
+        keep = np.concatenate([s.keep for s in shards])
+        candidates = np.nonzero(keep & np.isin(all_hashes, hashes[hit]))[0]
+        stored = set(_keys_at(shards, starts, candidates).values())
+    last: dict[str, tuple[str, str, str, str]] = {}  # in order of first failure, each key's last record
+    for record in records:
+        if record[0] not in stored:
+            last[record[0]] = record
+    return list(last.values())
 
 
 def build_index(out: Path, *, attrs: Mapping[str, object] | None = None, wait: float = 60.0) -> dict:
@@ -114,7 +215,7 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     paths = list_shards(out)
     for path in paths:  # an index names shards inside its folder only (docs/FORMAT.md, "Confinement")
         check_inside_folder(out, path)
-    shards = [read_shard(path) for path in paths]
+    shards = [_scan_shard(path) for path in paths]
     root = _root_attrs(out, shards, attrs)
 
     dims = {s.dim for s in shards if s.rows}
@@ -124,56 +225,19 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     dtype = dtypes.pop() if dtypes else str(root.get("dtype", "bfloat16"))
     dim = dims.pop() if dims else int(root.get("token_dim", 0) or 0)
 
-    # Keep the first occurrence of every key in shard order; later copies are duplicates.
-    seen: set[str] = set()
-    parts: list[dict[str, np.ndarray]] = []
-    row_base = 0
-    duplicates = 0
-    kept_per_shard = []
-    for number, shard in enumerate(shards):
-        cols = shard.columns
-        keys = cols["keys"]
-        keep = np.ones(len(keys), dtype=bool)
-        for i, key in enumerate(keys):
-            if key in seen:
-                keep[i] = False
-            else:
-                seen.add(key)
-        duplicates += int((~keep).sum())
-        kept_per_shard.append(int(keep.sum()))
-        part = {name: cols[name][keep] for name in SAMPLE_COLUMNS}
-        frame_keep = np.repeat(keep, cols["frame_lengths"])
-        expected = np.concatenate([[0], np.cumsum(cols["frame_lengths"])[:-1]]) if len(keys) else cols["frame_offsets"]
-        if not np.array_equal(cols["frame_offsets"], expected) or len(frame_keep) != len(cols["frame_indices"]):
-            raise FormatError(f"{shard.path}: damaged shard (frame offsets do not match frame lengths)")
-        for name in FRAME_COLUMNS:
-            part[name] = cols[name][frame_keep]
-        part["shard"] = np.full(len(part["keys"]), number, dtype=np.int32)
-        part["shard_offsets"] = part["offsets"].astype(np.int64)
-        part["offsets"] = part["offsets"] + row_base
-        parts.append(part)
-        row_base += shard.rows
-
-    columns = _concatenate(parts)
-    n = len(columns["keys"])
-    frame_lengths = columns["frame_lengths"]
-    columns["frame_offsets"] = np.zeros(n, dtype=np.int64)
-    if n:
-        columns["frame_offsets"][1:] = np.cumsum(frame_lengths)[:-1]
-
-    # Errors: only keys that have no features anywhere; the last record of a key wins.
-    last_error: dict[str, tuple[str, str, str, str]] = {}
-    for shard in shards:
-        for record in shard.failures:
-            if record[0] not in seen:
-                last_error[record[0]] = record
-    failures = list(last_error.values())
+    duplicates, kept_hashes, starts = _keep_first(shards)
+    failures = _errors_without_features(shards, kept_hashes, starts)
+    n = len(kept_hashes)
+    rows = sum(s.rows for s in shards)
 
     tmp = index_temporary(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in list_index_temporaries(out):  # the output lock is ours: their builders are gone
         stale.unlink(missing_ok=True)
-    needed = _index_bytes(columns, len(shards))
+    needed = (
+        INDEX_BYTES_PER_SAMPLE * n + 3 * sum(s.key_bytes for s in shards) + 16 * sum(s.frames for s in shards)
+        + INDEX_BYTES_PER_SHARD * len(shards) + INDEX_FIXED_BYTES
+    )
     _check_room(tmp, needed)
     try:
         with h5py.File(tmp, "x", libver=LIBVER) as handle:
@@ -189,15 +253,14 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
             )
             for name, value in encode_attrs(root).items():
                 handle.attrs[name] = value
-            _write_tokens(handle, out, shards, dtype, dim, row_base)
-            write_columns(handle, {name: columns[name] for name in (*SAMPLE_COLUMNS, *FRAME_COLUMNS)}, failures_columns(failures))
-            handle.create_dataset("shard", data=columns["shard"])
-            handle.create_dataset("shard_offsets", data=columns["shard_offsets"])
-            _write_lookup_tables(handle, columns)
+            _write_tokens(handle, out, shards, dtype, dim, rows)
+            tokens = _IndexTables(handle, n, sorted({d for s in shards for d in s.decoders})).write(shards)
+            write_errors(handle, failures)
+            _write_key_table(handle, kept_hashes)
             group = handle.create_group("shards")
             group.create_dataset("path", data=object_array([shard_entry(out, s.path) for s in shards]), dtype=STRING)
             group.create_dataset("rows", data=np.array([s.rows for s in shards], dtype=np.int64))
-            group.create_dataset("samples", data=np.array(kept_per_shard, dtype=np.int64))
+            group.create_dataset("samples", data=np.array([int(s.keep.sum()) for s in shards], dtype=np.int64))
             group.create_dataset("errors", data=np.array([len(s.failures) for s in shards], dtype=np.int64))
             group.create_dataset("bytes", data=np.array([s.size for s in shards], dtype=np.int64))
             group.create_dataset("unit", data=np.array([int(s.attrs.get("unit", NO_UNIT)) for s in shards], dtype=np.int64))
@@ -214,8 +277,8 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
         "output": str(out),
         "shards": len(shards),
         "samples": n,
-        "tokens": int(columns["lengths"].sum()) if n else 0,
-        "rows": row_base,
+        "tokens": tokens,
+        "rows": rows,
         "errors": len(failures),
         "duplicates": duplicates,
         "token_dim": dim,
@@ -223,13 +286,6 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
         "shard_bytes": sum(s.size for s in shards),
         "index_bytes": out.stat().st_size,
     }
-
-
-def _index_bytes(columns: dict[str, np.ndarray], shards: int) -> int:
-    """An upper estimate of the index file's size: its tables, every key twice, the frames."""
-    key_bytes = sum(len(key.encode("utf-8")) for key in columns["keys"])
-    frames = len(columns["frame_indices"])
-    return INDEX_BYTES_PER_SAMPLE * len(columns["keys"]) + 3 * key_bytes + 16 * frames + INDEX_BYTES_PER_SHARD * shards + INDEX_FIXED_BYTES
 
 
 def _check_room(tmp: Path, needed: int) -> None:
@@ -255,57 +311,120 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_lookup_tables(handle: h5py.File, columns: dict[str, np.ndarray]) -> None:
-    """What lets a reader open in constant time: the sorted key-hash table and the sample table."""
-    n = len(columns["keys"])
-    hashes = key_hashes(columns["keys"])
+PAIRS = {"grid_thw": 3, "merged_hw": 2, "orig_hw": 2, "resized_hw": 2, "processor_grid": 2}
+"""Per-sample datasets with a second axis (int32), and its length; the others are int64 vectors."""
+GROW_ROWS = 1 << 16
+"""Chunk (and growth step) of the index's appendable datasets: frames and the key text."""
+
+
+class _IndexTables:
+    """The index's per-sample datasets, its `sample_table` and its key text, written shard by
+    shard (the second pass), so that only one shard's tables are in memory at a time."""
+
+    def __init__(self, handle: h5py.File, n: int, decoders: list[str]) -> None:
+        self.handle = handle
+        self.n = n
+        self.decoders = decoders
+        handle.create_dataset("keys", shape=(n,), dtype=STRING)
+        for name in NUMERIC_COLUMNS:
+            width = PAIRS.get(name)
+            handle.create_dataset(name, shape=(n, width) if width else (n,), dtype=np.int32 if width else np.int64)
+        handle.create_dataset("kind", shape=(n,), dtype="S5")
+        handle.create_dataset("decoder", shape=(n,), dtype=f"S{max((len(d) for d in decoders), default=1)}")
+        handle.create_dataset("shard", shape=(n,), dtype=np.int32)
+        handle.create_dataset("shard_offsets", shape=(n,), dtype=np.int64)
+        for name, dtype in (("frame_indices", np.int64), ("frame_times", np.float64)):
+            handle.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(GROW_ROWS,), dtype=dtype)
+        group = handle.create_group("key_table")
+        group.create_dataset("text", shape=(0,), maxshape=(None,), chunks=(GROW_ROWS,), dtype=np.uint8)
+        group.create_dataset("text_offsets", shape=(n + 1,), chunks=(min(n + 1, KEY_BLOCK),), dtype=np.int64)
+        table = handle.create_dataset(
+            "sample_table", shape=(n, len(TABLE_COLUMNS)), chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None,
+            dtype=np.int64,
+        )
+        table.attrs["columns"] = json.dumps(list(TABLE_COLUMNS))
+        table.attrs["kinds"] = json.dumps(list(KINDS))
+        table.attrs["decoders"] = json.dumps(decoders)
+
+    def write(self, shards: list[_Shard]) -> int:
+        """Append every shard's kept samples; return the tokens they hold."""
+        row = frame = text = rows_before = tokens = 0
+        for number, shard in enumerate(shards):
+            assert shard.keep is not None
+            if shard.keep.any():
+                columns = _read_columns(shard)
+                row, frame, text = self._append(columns, shard.keep, number, rows_before, row, frame, text)
+                tokens += int(columns["lengths"][shard.keep].sum())
+            rows_before += shard.rows
+        assert row == self.n
+        self.handle["key_table/text_offsets"][self.n] = text
+        return tokens
+
+    def _append(self, columns: dict, keep: np.ndarray, number: int, rows_before: int, row: int, frame: int, text: int):
+        handle, k = self.handle, int(keep.sum())
+        part = {name: columns[name][keep] for name in SAMPLE_COLUMNS}
+        frame_keep = np.repeat(keep, columns["frame_lengths"])
+        lengths = part["frame_lengths"]
+        part["frame_offsets"] = frame + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if k else lengths
+        part["shard"] = np.full(k, number, dtype=np.int32)
+        part["shard_offsets"] = part["offsets"].astype(np.int64)
+        part["offsets"] = part["offsets"] + rows_before
+        for name in (*SAMPLE_COLUMNS, "shard", "shard_offsets"):
+            handle[name][row : row + k] = part[name]
+        frames = {name: columns[name][frame_keep] for name in FRAME_COLUMNS}
+        frame_count = len(frames["frame_indices"])
+        for name, values in frames.items():
+            handle[name].resize((frame + frame_count,))
+            handle[name][frame:] = values
+        # The keys again as one UTF-8 blob with offsets: one key reads in two small fixed-size
+        # reads, where one element of the variable-length `keys` costs a heap read.
+        encoded = [key.encode("utf-8") for key in part["keys"]]
+        offsets = text + np.concatenate([[0], np.cumsum([len(b) for b in encoded])[:-1]]) if k else np.empty(0, np.int64)
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        handle["key_table/text_offsets"][row : row + k] = offsets
+        handle["key_table/text"].resize((text + len(blob),))
+        handle["key_table/text"][text:] = blob
+        handle["sample_table"][row : row + k] = self._table_rows(part)
+        return row + k, frame + frame_count, text + len(blob)
+
+    def _table_rows(self, part: dict[str, np.ndarray]) -> np.ndarray:
+        """What a reader needs about each sample, one int64 row each (TABLE_COLUMNS)."""
+        kinds = np.searchsorted(np.array(KINDS, dtype="S"), part["kind"])
+        if not np.array_equal(np.array(KINDS, dtype="S")[kinds.clip(0, len(KINDS) - 1)], part["kind"]):
+            raise FormatError("damaged shard (a kind other than image or video)")
+        values = {
+            "offsets": part["offsets"], "lengths": part["lengths"],
+            "grid_t": part["grid_thw"][:, 0], "grid_h": part["grid_thw"][:, 1], "grid_w": part["grid_thw"][:, 2],
+            "merged_h": part["merged_hw"][:, 0], "merged_w": part["merged_hw"][:, 1],
+            "orig_h": part["orig_hw"][:, 0], "orig_w": part["orig_hw"][:, 1],
+            "resized_h": part["resized_hw"][:, 0], "resized_w": part["resized_hw"][:, 1],
+            "frame_offsets": part["frame_offsets"], "frame_lengths": part["frame_lengths"],
+            "shard": part["shard"], "shard_offsets": part["shard_offsets"], "kind": kinds,
+            "decoder": np.searchsorted(np.array(self.decoders, dtype="S"), part["decoder"]),
+            "processor_h": part["processor_grid"][:, 0], "processor_w": part["processor_grid"][:, 1],
+            "crc32": part["crc32"],
+        }
+        return np.stack([np.asarray(values[name], dtype=np.int64) for name in TABLE_COLUMNS], axis=1)
+
+
+def _write_key_table(handle: h5py.File, hashes: np.ndarray) -> None:
+    """The kept samples' key hashes sorted, with the sample each belongs to, and the block fence:
+    what lets a reader find a key in two small reads."""
+    n = len(hashes)
     order = np.argsort(hashes, kind="stable")
     block = (min(n, KEY_BLOCK),) if n else None
-    group = handle.create_group("key_table")
+    group = handle["key_table"]
     sorted_hashes = hashes[order]
     group.create_dataset("hash", data=sorted_hashes, chunks=block)
     group.create_dataset("row", data=order.astype(np.int64), chunks=block)
     group.create_dataset("fence", data=sorted_hashes[::KEY_BLOCK])
     group.attrs["block"] = KEY_BLOCK
-    # The keys again as one UTF-8 blob with offsets (row order): one key reads in two small
-    # fixed-size reads, where one element of the variable-length `keys` costs a heap read.
-    encoded = [key.encode("utf-8") for key in columns["keys"]]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    if n:
-        offsets[1:] = np.cumsum([len(b) for b in encoded])
-    text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    group.create_dataset("text", data=text, chunks=(min(len(text), 1 << 16),) if len(text) else None)
-    group.create_dataset("text_offsets", data=offsets, chunks=(min(n + 1, KEY_BLOCK),))
 
-    kinds = sorted({k.decode() for k in np.unique(columns["kind"])}) if n else []
-    decoders = sorted({d.decode() for d in np.unique(columns["decoder"])}) if n else []
-    parts = {
-        "offsets": columns["offsets"],
-        "lengths": columns["lengths"],
-        "grid_t": columns["grid_thw"][:, 0],
-        "grid_h": columns["grid_thw"][:, 1],
-        "grid_w": columns["grid_thw"][:, 2],
-        "merged_h": columns["merged_hw"][:, 0],
-        "merged_w": columns["merged_hw"][:, 1],
-        "orig_h": columns["orig_hw"][:, 0],
-        "orig_w": columns["orig_hw"][:, 1],
-        "resized_h": columns["resized_hw"][:, 0],
-        "resized_w": columns["resized_hw"][:, 1],
-        "frame_offsets": columns["frame_offsets"],
-        "frame_lengths": columns["frame_lengths"],
-        "shard": columns["shard"],
-        "shard_offsets": columns["shard_offsets"],
-        "kind": np.searchsorted(np.array(kinds, dtype="S"), columns["kind"]) if n else np.empty(0),
-        "decoder": np.searchsorted(np.array(decoders, dtype="S"), columns["decoder"]) if n else np.empty(0),
-        "processor_h": columns["processor_grid"][:, 0],
-        "processor_w": columns["processor_grid"][:, 1],
-        "crc32": columns["crc32"],
-    }
-    table = np.stack([parts[name].astype(np.int64) for name in TABLE_COLUMNS], axis=1) if n else np.empty((0, len(TABLE_COLUMNS)), np.int64)
-    dataset = handle.create_dataset("sample_table", data=table, chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None)
-    dataset.attrs["columns"] = json.dumps(list(TABLE_COLUMNS))
-    dataset.attrs["kinds"] = json.dumps(kinds)
-    dataset.attrs["decoders"] = json.dumps(decoders)
+
+def write_errors(handle: h5py.File, failures: list[tuple[str, str, str, str]]) -> None:
+    group = handle.create_group("errors")
+    for name, values in failures_columns(failures).items():
+        group.create_dataset(name, data=values, dtype=STRING)
 
 
 def _root_attrs(out: Path, shards: list[_Shard], attrs: Mapping[str, object] | None) -> dict:
@@ -348,27 +467,3 @@ def _write_tokens(handle: h5py.File, out: Path, shards: list[_Shard], dtype: str
                 start += shard.rows
         tokens = handle.create_virtual_dataset("tokens", layout)
     tokens.attrs["dtype"] = dtype
-
-
-def _concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if parts:
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    return {
-        "keys": np.empty(0, dtype=object),
-        "kind": np.empty(0, dtype="S1"),
-        "decoder": np.empty(0, dtype="S1"),
-        "offsets": np.empty(0, dtype=np.int64),
-        "lengths": np.empty(0, dtype=np.int64),
-        "grid_thw": np.empty((0, 3), dtype=np.int32),
-        "merged_hw": np.empty((0, 2), dtype=np.int32),
-        "orig_hw": np.empty((0, 2), dtype=np.int32),
-        "resized_hw": np.empty((0, 2), dtype=np.int32),
-        "processor_grid": np.empty((0, 2), dtype=np.int32),
-        "crc32": np.empty(0, dtype=np.int64),
-        "frame_offsets": np.empty(0, dtype=np.int64),
-        "frame_lengths": np.empty(0, dtype=np.int64),
-        "frame_indices": np.empty(0, dtype=np.int64),
-        "frame_times": np.empty(0, dtype=np.float64),
-        "shard": np.empty(0, dtype=np.int32),
-        "shard_offsets": np.empty(0, dtype=np.int64),
-    }

@@ -37,6 +37,7 @@ from merge_cli.errors import FormatError
 from merge_cli.hashing import key_hash
 from merge_cli.output.format import (
     ERROR_FIELDS,
+    KINDS,
     NO_CHECKSUM,
     NUMPY_DTYPES,
     TABLE_COLUMNS,
@@ -68,7 +69,6 @@ COLUMNS = ("offsets", "lengths", "grid_thw", "merged_hw", "orig_hw", "resized_hw
 REQUIRED_DATASETS = ("tokens", "keys", *COLUMNS, "frame_indices", "frame_times", "errors")
 INDEX_OBJECTS = ("tokens", "keys", "sample_table", "key_table", "frame_indices", "frame_times", "errors", "shards")
 """What a reader of an index touches: each must be stored in the index itself (no links out)."""
-KINDS = ("image", "video")
 PAIR_COLUMNS = {"grid_thw": 3, "merged_hw": 2, "orig_hw": 2, "resized_hw": 2, "processor_grid": 2}
 """Per-sample tables with a second axis, and its length."""
 
