@@ -11,7 +11,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from merge_cli.errors import UsageError
-from merge_cli.media.grid import PREPROCESS_MODES, ResizePolicy
+from merge_cli.media.grid import (
+    MAX_PIXELS,
+    PREPROCESS_MODES,
+    ResizePolicy,
+    require_at_most,
+)
 from merge_cli.records import printable
 
 if TYPE_CHECKING:
@@ -103,6 +108,8 @@ class VideoOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"video {name} must be positive; got {value}")
+            if value is not None:  # refused here, not by each video's frame policy (an error record per video)
+                require_at_most(f"video {name}", value, MAX_PIXELS)
         if self.rule not in VIDEO_RULES:
             raise UsageError(f"video rule must be one of {', '.join(VIDEO_RULES)}; got {self.rule!r}")
         if self.frame_multiple < 1:

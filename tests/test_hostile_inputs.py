@@ -89,6 +89,18 @@ def test_a_shard_size_of_hundreds_of_digits_is_one_line(cli, clip, tmp_path):
     assert "a size must be below 8 EiB" in line and len(line) < 300
 
 
+def test_absurd_video_pixel_budgets_refuse_the_run_not_each_video(cli, clip, tmp_path):
+    huge = str(10**30)
+    result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--video-max-pixels", huge,
+                 "--video-total-pixels", huge, *CPU)
+    assert result.exit_code == 1, result.output[-2000:]
+    assert "video max_pixels must be at most 1,099,511,627,776" in _one_error_line(result)
+    at_the_limit = cli("extract", "--input", str(clip), "--out", str(tmp_path / "g.h5"), "--video-max-pixels",
+                       str(2**40), "--video-total-pixels", str(2**40), "--json", *CPU)
+    assert at_the_limit.exit_code == 0, at_the_limit.output[-2000:]
+    assert json.loads(at_the_limit.stdout)["written"] == 1
+
+
 def test_an_absurd_llm_dim_is_refused_before_allocating(cli, clip, tmp_path):
     result = cli("extract", "--input", str(clip), "--out", str(tmp_path / "f.h5"), "--random-projector",
                  "--llm-dim", str(10**30), *CPU)
