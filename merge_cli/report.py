@@ -323,10 +323,10 @@ def render_inspect(report: dict, console: Console) -> None:
         render_sample(report["sample"], console)
 
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/] {_shown(note, None)}")
+        console.print(f"[yellow]note:[/] {_shown(note, 4 * SHOWN_CHARS)}")
     if report["problems"]:
         for problem in report["problems"]:
-            console.print(f"[bold red]problem:[/] {_shown(problem, None)}")
+            console.print(f"[bold red]problem:[/] {_shown(problem, 4 * SHOWN_CHARS)}")
     else:
         checked = " (values checked: no NaN/Inf)" if report.get("checked") else ""
         console.print(f"[green]no integrity problems found[/]{checked}")
