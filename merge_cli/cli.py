@@ -590,6 +590,25 @@ def extract_command(
             min=1, help="Samples per work unit (what a rank claims, what resume skips whole).", rich_help_panel=_RUN
         ),
     ] = 10_000,
+    limit: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Take only the first N inputs of the listing (it stops there). A prefix: a later run "
+            "without --limit resumes and completes it.",
+            rich_help_panel=_RUN,
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="List and plan without running the extraction: inputs, tokens and output bytes from "
+            "the headers, time from a short timed probe of the tower. Writes nothing.",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
     rank: Annotated[
         Optional[int],
         typer.Option(
@@ -662,6 +681,8 @@ def extract_command(
             resume="overwrite" if overwrite else "resume" if resume else "auto",
             retry_failed=retry_failed,
             unit_size=unit_size,
+            limit=limit,
+            dry_run=dry_run,
             strict=strict,
             rank=rank,
             world_size=world_size,
@@ -671,6 +692,8 @@ def extract_command(
 
     # Any problem before the first sample is processed means the run could not start: exit 1.
     config = run_core(build, json_output, exit_code=1)
+    if config.dry_run:
+        _dry_run(config, json_output)
     summary = run_core(lambda: _run_extract(config, json_output), json_output, exit_code=1)
     if not _is_main_rank():
         pass  # under torchrun, rank 0 prints the summary of the whole job
@@ -681,6 +704,27 @@ def extract_command(
 
         render_extract_summary(summary.to_dict(), _stdout_console())
     raise typer.Exit(summary.exit_code)
+
+
+def _dry_run(config, json_output: bool) -> NoReturn:
+    """--dry-run: print the plan (or its JSON) and exit 0; a plan that cannot be made exits 1."""
+    from merge_cli.run.dry_run import plan_extract
+    from merge_cli.run.progress import make_reporter
+
+    def plan():
+        try:
+            return plan_extract(config, make_reporter(json_output))
+        except KeyboardInterrupt:
+            fail("interrupted; --dry-run wrote nothing", 130, json_output)
+
+    report = run_core(plan, json_output, exit_code=1)
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        from merge_cli.report import render_plan
+
+        render_plan(report.to_dict(), _stdout_console())
+    raise typer.Exit(0)
 
 
 def _is_main_rank() -> bool:

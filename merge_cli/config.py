@@ -317,6 +317,11 @@ class ExtractConfig:
     """On resume, run the inputs that failed before again (by default their error records stand)."""
     unit_size: int = 10_000
     """Samples per work unit: the piece a rank claims and the piece resume skips whole."""
+    limit: int | None = None
+    """Take only the first this many inputs of the listing (a prefix: a later run without it
+    resumes and completes the rest). Not hashed: it changes how much is done, not the numbers."""
+    dry_run: bool = False
+    """List and plan (headers only, a short timed probe of the tower), write nothing."""
     strict: bool = False
     """Stop at the first input that fails."""
     rank: int | None = None
@@ -360,6 +365,8 @@ class ExtractConfig:
             raise UsageError(f"--batch-tokens must be positive; got {self.batch_tokens}")
         if self.unit_size < 1:
             raise UsageError(f"--unit-size must be at least 1; got {self.unit_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be at least 1; got {self.limit}")
         if self.workers < 0:
             raise UsageError(f"--workers must not be negative; got {self.workers}")
         require_finite("--projector-eps", self.projector_eps)

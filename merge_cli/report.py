@@ -116,6 +116,11 @@ def _value(amount: object, unit: str, spec: str = ",") -> str:
     return f"{amount:{spec}} {unit}".replace(" ", _KEEP)
 
 
+def _keep(text: str) -> str:
+    """`text` kept on one line."""
+    return text.replace(" ", _KEEP)
+
+
 def _fit(text: str, width: int) -> str:
     """`text` broken into lines of at most `width` cells at its spaces, never inside a value (whose
     parts `_value` joined); rich markup takes no room. Rich then has nothing left to wrap."""
@@ -144,6 +149,8 @@ def render_extract_summary(summary: dict, console: Console) -> None:
     )
     if summary["ignored_files"]:
         samples += f", {_value(plural(summary['ignored_files'], 'other file'), 'ignored', '')}"
+    if summary.get("limit"):
+        samples += f" (the first {_value(summary['limit'], 'inputs')}: --limit)"
     seconds = ",.1f"
     timings = summary["timings"]
     tower = _shown(summary["tower"]) + (" [yellow](demo: features are meaningless for training)[/]" if summary["tower_is_demo"] else "")
@@ -200,6 +207,78 @@ def render_extract_summary(summary: dict, console: Console) -> None:
             errors.add_row(
                 _shown(failure["key"]), _shown(failure["stage"]), _shown(failure["error_type"]), _shown(failure["message"])
             )
+        console.print(errors)
+
+
+def _duration(seconds: float) -> str:
+    """`0.4 s` under a minute, else `1:02:03` (hours keep counting past a day)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def render_plan(plan: dict, console: Console) -> None:
+    """`extract --dry-run`: what the run would do (a `dry_run.Plan.to_dict()`), nothing written."""
+    from rich.markup import escape
+
+    limit = f", the first {_value(plan['limit'], 'inputs')} (--limit)" if plan["limit"] else ""
+    inputs = f"{_value(plan['listed'], 'listed')}{limit}: {_value(plan['to_do'], 'to do')}, {_value(plan['skipped'], 'already done')}"
+    if plan["would_fail"]:
+        inputs += f"; {_value(plan['would_fail'], 'would fail')} (from their headers)"
+    if plan["ignored_files"]:
+        inputs += f"; {_keep(plural(plan['ignored_files'], 'other file'))} ignored"
+    media = f"{_keep(plural(plan['images'], 'image'))}, {_keep(plural(plan['videos'], 'video'))}"
+    if plan["videos"]:
+        media += f" ({_keep(plural(plan['frames'], 'frame'))})"
+    size = (
+        f"about {_keep(_bytes(plan['bytes']))}: {_value(plan['tokens'], 'tokens')} x {plan['token_dim']:,} x "
+        f"{_keep(plan['store_dtype'] + ' (' + str(plan['dtype_bytes']) + ' B)')} + shard and index tables"
+        + (", uncompressed (an upper bound)" if plan["compression"] != "none" else "")
+    )
+    estimate = plan["estimate"]
+    if plan["estimated_seconds"] is None:
+        time_text = f"[yellow]{escape(plan['estimate_note'])}[/]"
+    elif estimate is None:
+        time_text = f"{_duration(plan['estimated_seconds'])} ({escape(plan['estimate_note'])})"
+    else:
+        per_sample = ", ".join(
+            _keep(f"{seconds:.3f} s per {kind}") for kind, seconds in estimate["decode_seconds_per_sample"].items()
+        )
+        workers = estimate["decode_workers"]
+        time_text = (
+            f"about {_keep(_duration(plan['estimated_seconds']))} estimated ({estimate['bound']} bound) from a probe "
+            f"on {plan['device']}: the tower ran {_value(estimate['tower_patch_tokens_per_second'], 'patch tokens/s', ',.0f')} "
+            f"in one batch of {_value(estimate['probe_batch_patch_tokens'], 'patch tokens')}, decoding took {per_sample} "
+            f"on one core ({_value(workers, 'worker' if workers == 1 else 'workers')}); {escape(plan['estimate_note'])}"
+        )
+    rows = [
+        ("dry run", f"{escape(plan['out'])}  [green]nothing written[/]"),
+        ("inputs", inputs),
+        ("media", media),
+        ("tokens", f"{_value(plan['tokens'], 'stored')} ({_value(plan['patch_tokens'], 'patch tokens')} before merging), from the headers"),
+        ("output", size),
+        ("time", time_text),
+        ("tower", f"{plan['tower']}, output {plan['output']}"),
+    ]
+    label_width = max(len(label) for label, _ in rows)
+    width = max(20, console.width - label_width - 2)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, _fit(value, width))
+    console.print(table)
+    if plan["failures"]:
+        shown, failed = len(plan["failures"]), plan["would_fail"]
+        title = f"would fail: {failed:,}" + (f" (first {shown})" if shown < failed else "")
+        errors = Table(title=title, title_justify="left")
+        errors.add_column("key", overflow="fold")
+        errors.add_column("stage", no_wrap=True)
+        errors.add_column("type", no_wrap=True)
+        errors.add_column("message", overflow="fold")
+        for failure in plan["failures"]:
+            errors.add_row(escape(failure["key"]), failure["stage"], failure["error_type"], escape(failure["message"]))
         console.print(errors)
 
 

@@ -68,7 +68,8 @@ class ListingStats:
     ignored: int = 0
     """Files in scanned folders with extensions merge-cli does not read."""
     ended: bool = False
-    """The listing has walked every input (set before the last unit is cut from it)."""
+    """The listing has ended: every input walked, or --limit reached (set before the last unit is
+    handed on)."""
 
 
 def collect_samples(
@@ -105,17 +106,26 @@ def stream_units(
     stats: ListingStats | None = None,
     columns: ParquetColumns | None = None,
     check_roots: bool = False,
+    limit: int | None = None,
 ) -> Iterator[Unit]:
     """The inputs as a stream of work units (see merge_cli/inputs/units.py), never held whole.
     Input paths are checked before the first unit (with `check_roots`, also the first paths of
-    each manifest: `check_manifest_root`); a manifest is read as the stream reaches it."""
-    from merge_cli.inputs.units import iter_units
+    each manifest: `check_manifest_root`); a manifest is read as the stream reaches it. With
+    `limit`, only the first `limit` entries (`first_entries`): the listing stops there."""
+    from merge_cli.inputs.units import first_entries, iter_units
 
+    stats = stats if stats is not None else ListingStats()
     listing = make_listing(
-        inputs, media_root, gif_as_video=gif_as_video, stats=stats or ListingStats(), columns=columns,
-        check_roots=check_roots,
+        inputs, media_root, gif_as_video=gif_as_video, stats=stats, columns=columns, check_roots=check_roots
     )
-    return iter_units(listing, unit_size)
+    units = iter_units(listing, unit_size)
+    if limit is None:
+        return units
+
+    def reached() -> None:
+        stats.ended = True
+
+    return first_entries(units, limit, reached)
 
 
 def make_listing(

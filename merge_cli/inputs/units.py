@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,10 +60,31 @@ class Unit:
     entries: tuple[Entry, ...]
     fingerprint: str
     """Hash of the unit's keys in order: equal on every rank and rerun over the same listing."""
+    whole: bool = True
+    """False for a unit cut short by --limit: `entries` is a prefix of the unit, `fingerprint`
+    still the whole unit's. Its shards are committed but it gets no completion marker, so a later
+    run finds it partly done and does only the rest."""
 
     @property
     def keys(self) -> list[str]:
         return [entry.key for entry in self.entries]
+
+
+def first_entries(units: Iterable[Unit], limit: int, on_reached: Callable[[], None] = lambda: None) -> Iterator[Unit]:
+    """The units holding the first `limit` entries of the stream, the last one cut short if need be
+    (`whole` False). Streams: the listing stops at the unit holding entry `limit`. `on_reached` is
+    called before that last unit is handed on (the total is final from then on)."""
+    if limit < 1:
+        raise UsageError(f"--limit must be at least 1; got {limit}")
+    left = limit
+    for unit in units:
+        if len(unit.entries) < left:
+            left -= len(unit.entries)
+            yield unit
+            continue
+        on_reached()
+        yield unit if len(unit.entries) == left else replace(unit, entries=unit.entries[:left], whole=False)
+        return
 
 
 Listing = Callable[[], Iterable["Listed | WholeUnit"]]

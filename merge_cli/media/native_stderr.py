@@ -36,7 +36,10 @@ _capture: tuple[int, BinaryIO] | None = None
 def _capture_file() -> BinaryIO:
     global _capture
     if _capture is None or _capture[0] != os.getpid():
+        import atexit
+
         _capture = (os.getpid(), tempfile.TemporaryFile(prefix="merge-cli-stderr-"))
+        atexit.register(_capture[1].close)
     return _capture[1]
 
 

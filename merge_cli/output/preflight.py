@@ -21,8 +21,10 @@ MIN_FREE_BYTES = 64 * 2**20
 """Refuse to start with less free space than this beside the output (a few shards' metadata)."""
 
 
-def check_output_location(out: Path | str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
-    """Raise UsageError (one line, naming the path and the fix) when `out` cannot be written."""
+def check_output_location(out: Path | str, min_free_bytes: int = MIN_FREE_BYTES, *, try_writing: bool = True) -> None:
+    """Raise UsageError (one line, naming the path and the fix) when `out` cannot be written.
+    Without `try_writing` (--dry-run, which touches nothing) writability is asked of os.access,
+    which a read-only mount can fool for root."""
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name inside it, e.g. {out / 'feats.h5'}")
@@ -35,7 +37,10 @@ def check_output_location(out: Path | str, min_free_bytes: int = MIN_FREE_BYTES)
             f"--out {out}: {shards} exists and is not a folder (merge-cli keeps the shards there); "
             "move it away or choose another --out"
         )
-    _check_writable(shards if shards.is_dir() else folder, out)
+    if try_writing:
+        _check_writable(shards if shards.is_dir() else folder, out)
+    elif not os.access(shards if shards.is_dir() else folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create files in {shards if shards.is_dir() else folder}")
     free = shutil.disk_usage(folder).free
     if free < min_free_bytes:
         raise UsageError(

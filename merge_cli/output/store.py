@@ -729,12 +729,14 @@ def _index_attrs(out: Path) -> dict | None:
         return decode_attrs(handle.attrs, parse_json=False)
 
 
-def scan_units(out: Path, *, rank: int | None = None) -> UnitScan | None:
+def scan_units(out: Path, *, rank: int | None = None, remove_temporaries: bool = True) -> UnitScan | None:
     """The units of an existing output, or None when there is none. Cost: one folder listing, one
     small JSON file per complete unit, one shard opened for the settings, and the keys of the
-    shards no marker names. Deletes stale temporaries as `scan_existing` does."""
+    shards no marker names. Deletes stale temporaries as `scan_existing` does (not with
+    `remove_temporaries` False: a read-only look, as --dry-run takes)."""
     out = Path(out)
-    remove_stale_temporaries(out, rank)
+    if remove_temporaries:
+        remove_stale_temporaries(out, rank)
     shards = list_shards(out)
     index_attrs = _index_attrs(out)
     if not shards and index_attrs is None:

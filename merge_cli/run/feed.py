@@ -57,8 +57,8 @@ class UnitPlan:
             return UnitWork(list(unit.entries))
         marker = scan.complete.get(unit.id)
         if marker is not None and marker.get("fingerprint") == unit.fingerprint:
-            if not (self.retry_failed and int(marker.get("failures", 0))):
-                return None
+            if not (self.retry_failed and int(marker.get("failures", 0))) or not unit.whole:
+                return None  # a unit cut short by --limit retries its failures only when whole again
             if not mine:  # another rank retries them: only counted here
                 return UnitWork(list(unit.entries[: int(marker["failures"])]))
             done, failed = self._keys_in(marker["shards"])
@@ -112,6 +112,7 @@ class _InFlight:
     work: UnitWork
     entries: int
     fingerprint: str
+    whole: bool = True
     samples: int = 0
     failures: int = 0
 
@@ -168,7 +169,7 @@ class WorkFeed:
                 return
             if work is None:
                 continue
-            self._in_flight[unit.id] = _InFlight(len(work.entries), work, len(unit.entries), unit.fingerprint)
+            self._in_flight[unit.id] = _InFlight(len(work.entries), work, len(unit.entries), unit.fingerprint, unit.whole)
             if not work.entries:
                 self.empty_units.put(unit.id)
                 continue
@@ -190,9 +191,12 @@ class WorkFeed:
         state.remaining -= 1
         return state.remaining == 0
 
-    def marker(self, unit: int, new_shards: list[str], **extra: object) -> dict:
-        """The completion marker of a finished unit (and forget it)."""
+    def marker(self, unit: int, new_shards: list[str], **extra: object) -> dict | None:
+        """The completion marker of a finished unit (and forget it); None for a unit cut short by
+        --limit, which must not be marked complete (a later run does the rest of it)."""
         state = self._in_flight.pop(unit)
+        if not state.whole:
+            return None
         self.units_done.append(unit)
         return dict(
             extra,

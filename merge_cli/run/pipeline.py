@@ -90,6 +90,8 @@ class RunSummary:
     """Who decided the sizes: `checkpoint` (its own processor) or `native` (merge-cli's policy)."""
     made_even: int = 0
     """Samples whose processor grid could not merge and was made even (both grids are stored)."""
+    limit: int | None = None
+    """--limit: only the first this many inputs of the listing were taken."""
     timings: Timings = field(default_factory=Timings)
     failures: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -203,6 +205,7 @@ def _run_claimed(
         stats=stats,
         columns=ParquetColumns(config.image_column, config.video_column, config.key_column),
         check_roots=True,
+        limit=config.limit,
     )
     models = build_models(config)  # before any input is listed or decoded
     tower = models.tower
@@ -230,6 +233,7 @@ def _run_claimed(
         torchrun=dist.connected,
         strict=config.strict,
         preprocess=media.mode,
+        limit=config.limit,
     )
     extractor = FeatureExtractor(
         tower,
@@ -468,14 +472,19 @@ def _identity(value):
     return value
 
 
-def _decoded(feed: WorkFeed, media: MediaOptions, workers: int) -> Iterator[tuple[Item | Failure, float]]:
+def _decoded(
+    feed: WorkFeed, media: MediaOptions, workers: int, dataset: torch.utils.data.Dataset | None = None
+) -> Iterator:
+    """`dataset[todo]` (by default the decoded sample) for every Todo the feed hands out,
+    computed in `workers` processes."""
+    dataset = _DecodeDataset(media) if dataset is None else dataset
     options: dict = dict(batch_size=None, sampler=feed, num_workers=workers, collate_fn=_identity)
     if workers > 0:
         # Workers die with this process, even by kill -9 (see lifeline.py).
         options.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=partial(exit_with_parent, os.getpid()))
         if "in_order" in torch.utils.data.DataLoader.__init__.__code__.co_varnames:
             options["in_order"] = False  # a slow video must not hold up the images behind it
-    return iter(torch.utils.data.DataLoader(_DecodeDataset(media), **options))
+    return iter(torch.utils.data.DataLoader(dataset, **options))
 
 
 class _BackgroundWriter:
@@ -529,7 +538,9 @@ class _BackgroundWriter:
         from merge_cli.output.store import write_unit_marker
 
         names = self.writer.finish_unit(unit)
-        write_unit_marker(self.writer.out, unit, self.feed.marker(unit, names, **self.marker_extra))
+        marker = self.feed.marker(unit, names, **self.marker_extra)
+        if marker is not None:  # None: a unit cut short by --limit is committed, never marked whole
+            write_unit_marker(self.writer.out, unit, marker)
 
     def _store(self, results: Iterable[Features | Failure]) -> None:
         from merge_cli.output.store import UnstorableSample
