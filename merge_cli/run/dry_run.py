@@ -9,7 +9,8 @@ The plan is what the run would do, measured where it can be and estimated only w
            exact wherever decoding agrees with the header (tests hold them equal), estimated from
            the duration for videos whose header keeps no frame count (Matroska, WebM);
   bytes    tokens x token width x stored dtype size, plus an allowance per sample (the shard and
-           index tables, about 0.4 KB measured) and per shard (its last chunk is stored whole);
+           index tables, about 0.4 KB measured) and a chunk per shard and for a new index (their
+           last chunk is stored whole);
            with --compression the uncompressed size, an upper bound;
   time     from a probe: the first few samples of each kind are decoded (timed, one core each) and
            one full --batch-tokens batch of them runs through the tower (timed after a warm-up
@@ -176,8 +177,10 @@ def plan_extract(config: ExtractConfig, reporter=None) -> Plan:
     if feed.exhausted and not feed.listed:
         reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
     token_bytes = plan.tokens * token_dim * plan.dtype_bytes
-    shards = units_touched + token_bytes // config.shard_bytes
-    plan.bytes = token_bytes + plan.to_do * PER_SAMPLE_BYTES + shards * _chunk_bytes()
+    chunks = units_touched + token_bytes // config.shard_bytes  # each shard's last chunk is stored whole
+    if plan.to_do and scan is None:
+        chunks += 1  # so are the new index's
+    plan.bytes = token_bytes + plan.to_do * PER_SAMPLE_BYTES + chunks * _chunk_bytes()
     _estimate_time(plan, probes, media, models, config, device, compute_dtype, store_dtype)
     plan.warnings = list(reporter.warnings)
     return plan
