@@ -473,3 +473,31 @@ def test_the_summary_never_breaks_a_value_across_lines():
         assert all(len(line) <= width for line in lines)
         for found in values:
             assert any(found in line for line in lines), (width, found, narrow.getvalue())
+
+
+# -- landed items without a test of their own -------------------------------------------------------
+
+
+def test_extract_summary_says_how_many_failures_it_leaves_out(cli, media, tmp_path):
+    broken = int(np.random.randint(6, 12))
+    for index in range(broken):
+        (media / f"broken-{index:02d}.jpg").write_bytes(np.random.bytes(int(np.random.randint(10, 400))))
+    out = tmp_path / "f.h5"
+    summary = json.loads(cli("extract", "--input", str(media), "--out", str(out), *CPU, "--json").stdout)
+    assert summary["failed"] == broken and len(summary["failures"]) == 5
+    assert summary["failures_left_out"] == broken - 5
+    human = cli("extract", "--input", str(media), "--out", str(tmp_path / "g.h5"), *CPU)
+    assert human.exit_code == 3
+    text = " ".join(human.stdout.split())
+    assert f"first 5 of {broken} failures (all: merge-cli inspect {tmp_path / 'g.h5'} --failures)" in text
+
+
+@pytest.mark.parametrize("torchrun, strict, failed, code", [
+    (False, False, 0, 0), (False, False, 2, 3), (True, False, 2, 0), (True, True, 2, 3), (True, False, 0, 0),
+])
+def test_exit_code_of_a_run_with_failed_inputs(torchrun, strict, failed, code):
+    """torchrun reads a non-zero exit as a crashed worker: failed inputs exit 0 there unless --strict."""
+    from merge_cli.run.pipeline import RunSummary
+
+    summary = RunSummary(out="f.h5", failed=failed, torchrun=torchrun, strict=strict)
+    assert summary.exit_code == summary.to_dict()["exit_code"] == code
