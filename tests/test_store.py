@@ -465,3 +465,12 @@ def test_index_dedup_checks_keys_when_hashes_collide(tmp_path, monkeypatch):
             assert torch.equal(bits(feats[key].tokens), bits(record.tokens)), key
         assert "absent.jpg" not in feats
         assert {f.key for f in feats.failures()} == failed
+
+
+def test_a_small_output_has_a_small_index(tmp_path):
+    """The index's appendable datasets are chunked to what the shards hold (a chunk is stored
+    whole): ten samples must not cost a megabyte of index."""
+    out = tmp_path / "feats.h5"
+    write(out, [features(f"v{i}.mp4", grid=(3, 2, 4)) for i in range(10)])
+    summary = build_index(out)
+    assert summary["samples"] == 10 and summary["index_bytes"] < 64 * 1024, summary["index_bytes"]

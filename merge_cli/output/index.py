@@ -254,7 +254,9 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
             for name, value in encode_attrs(root).items():
                 handle.attrs[name] = value
             _write_tokens(handle, out, shards, dtype, dim, rows)
-            tokens = _IndexTables(handle, n, sorted({d for s in shards for d in s.decoders})).write(shards)
+            decoders = sorted({d for s in shards for d in s.decoders})
+            frames, key_bytes = sum(s.frames for s in shards), sum(s.key_bytes for s in shards)
+            tokens = _IndexTables(handle, n, decoders, frames, key_bytes).write(shards)
             write_errors(handle, failures)
             _write_key_table(handle, kept_hashes)
             group = handle.create_group("shards")
@@ -314,14 +316,16 @@ def _fsync_file(path: Path) -> None:
 PAIRS = {"grid_thw": 3, "merged_hw": 2, "orig_hw": 2, "resized_hw": 2, "processor_grid": 2}
 """Per-sample datasets with a second axis (int32), and its length; the others are int64 vectors."""
 GROW_ROWS = 1 << 16
-"""Chunk (and growth step) of the index's appendable datasets: frames and the key text."""
+"""Largest chunk of the index's appendable datasets (frames, key text); smaller when the shards
+hold less (a chunk is stored whole, so a small output keeps a small index)."""
 
 
 class _IndexTables:
     """The index's per-sample datasets, its `sample_table` and its key text, written shard by
     shard (the second pass), so that only one shard's tables are in memory at a time."""
 
-    def __init__(self, handle: h5py.File, n: int, decoders: list[str]) -> None:
+    def __init__(self, handle: h5py.File, n: int, decoders: list[str], frames: int, key_bytes: int) -> None:
+        """`frames` and `key_bytes`: at most how many frames and key bytes will be appended."""
         self.handle = handle
         self.n = n
         self.decoders = decoders
@@ -334,9 +338,11 @@ class _IndexTables:
         handle.create_dataset("shard", shape=(n,), dtype=np.int32)
         handle.create_dataset("shard_offsets", shape=(n,), dtype=np.int64)
         for name, dtype in (("frame_indices", np.int64), ("frame_times", np.float64)):
-            handle.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(GROW_ROWS,), dtype=dtype)
+            handle.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(min(max(frames, 1), GROW_ROWS),), dtype=dtype)
         group = handle.create_group("key_table")
-        group.create_dataset("text", shape=(0,), maxshape=(None,), chunks=(GROW_ROWS,), dtype=np.uint8)
+        group.create_dataset(
+            "text", shape=(0,), maxshape=(None,), chunks=(min(max(key_bytes, 1), GROW_ROWS),), dtype=np.uint8
+        )
         group.create_dataset("text_offsets", shape=(n + 1,), chunks=(min(n + 1, KEY_BLOCK),), dtype=np.int64)
         table = handle.create_dataset(
             "sample_table", shape=(n, len(TABLE_COLUMNS)), chunks=(min(n, 256), len(TABLE_COLUMNS)) if n else None,
