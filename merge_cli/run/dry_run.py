@@ -178,8 +178,6 @@ def plan_extract(config: ExtractConfig, reporter=None) -> Plan:
         reporter.warn(f"no images or videos found in {', '.join(config.inputs)}")
     token_bytes = plan.tokens * token_dim * plan.dtype_bytes
     chunks = units_touched + token_bytes // config.shard_bytes  # each shard's last chunk is stored whole
-    if plan.to_do and scan is None:
-        chunks += 1  # so are the new index's
     plan.bytes = token_bytes + plan.to_do * PER_SAMPLE_BYTES + chunks * _chunk_bytes()
     _estimate_time(plan, probes, media, models, config, device, compute_dtype, store_dtype)
     plan.warnings = list(reporter.warnings)
