@@ -38,6 +38,8 @@ def default_video_total_pixels(factor: int) -> int:
 
 VIDEO_RULES = ("native", "qwen")
 VIDEO_SEEK_MODES = ("exact", "keyframe")
+VIDEO_RESIZERS = ("torchvision",)
+"""Frame resizers other than Pillow (the default, None); see VideoOptions.resizer."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class VideoOptions:
     """The frame count is a multiple of this (Qwen's temporal patch size) under the qwen rule."""
     resample: str | None = None
     """Resampling filter for frames [default: the image policy's]."""
+    resizer: str | None = None
+    """What resizes frames that the decoder does not scale: None, Pillow with `resample`; or
+    `torchvision`: the pixels torchvision's tensor resize (bicubic, antialias) gives, as
+    qwen-vl-utils resizes Qwen video frames (images.torchvision_resize; torchvision not needed)."""
     seek: str = "exact"
     """`exact`: the sampled frames themselves; `keyframe`: each snaps to its nearest keyframe."""
 
@@ -114,6 +120,10 @@ class VideoOptions:
             raise UsageError(f"video rule must be one of {', '.join(VIDEO_RULES)}; got {self.rule!r}")
         if self.frame_multiple < 1:
             raise UsageError(f"frame_multiple must be positive; got {self.frame_multiple}")
+        if self.resizer is not None and self.resizer not in VIDEO_RESIZERS:
+            raise UsageError(f"video resizer must be one of {', '.join(VIDEO_RESIZERS)} (or unset: Pillow); got {self.resizer!r}")
+        if self.resizer == "torchvision" and self.resample not in (None, "bicubic"):
+            raise UsageError(f"the torchvision video resizer is bicubic only; got resample {self.resample!r}")
 
     def resolved(self, factor: int, defaults: dict | None = None) -> VideoOptions:
         """A copy with every unset setting filled in from `defaults` (a mode's video defaults;
@@ -138,7 +148,7 @@ class VideoOptions:
         counting = () if self.num_frames is not None else ("fps", "min_frames", "max_frames")
         filled = {
             name: defaults.get(name) if getattr(self, name) is None else getattr(self, name)
-            for name in (*counting, "max_pixels", "total_pixels", "min_pixels", "resample")
+            for name in (*counting, "max_pixels", "total_pixels", "min_pixels", "resample", "resizer")
         }
         if "rule" in defaults:
             filled.update(rule=defaults["rule"], frame_multiple=defaults["frame_multiple"])
@@ -193,9 +203,12 @@ class MediaOptions:
         return self.policy.mode
 
     def to_dict(self) -> dict:
+        video = asdict(self.video)
+        if video["resizer"] is None:  # Pillow, as before the setting existed: those outputs keep their hash
+            del video["resizer"]
         return {
             "policy": self.policy.to_dict(),
-            "video": asdict(self.video),
+            "video": video,
             "fast_decode": self.fast_decode,
             "gif_as_video": self.gif_as_video,
             "max_image_pixels": self.max_image_pixels,

@@ -180,12 +180,15 @@ def test_video_preprocessor_config_sets_qwen_video_rules(tmp_path):
     rules = video_defaults(vision, "checkpoint", 28)
     assert (rules["rule"], rules["fps"], rules["min_frames"], rules["max_frames"], rules["frame_multiple"]) == ("qwen", 2.0, 4, 768, 2)
     assert (rules["min_pixels"], rules["max_pixels"], rules["total_pixels"]) == (128 * 784, 768 * 784, int(128000 * 784 * 0.9))
+    assert rules["resizer"] == "torchvision"  # qwen-vl-utils' frames: torchvision's bicubic, not Pillow's
     (folder / "video_preprocessor_config.json").write_text(json.dumps(
         {"size": {"shortest_edge": 3136, "longest_edge": 50176}, "fps": 1.0, "max_frames": 64, "resample": 2}
     ))
     rules = video_defaults(read_checkpoint_vision(str(folder)), "checkpoint", 28)
     assert (rules["fps"], rules["max_frames"], rules["min_pixels"], rules["max_pixels"], rules["resample"]) == (1.0, 64, 3136, 50176, "bilinear")
+    assert rules["resizer"] is None  # another filter than bicubic: Pillow with it
     assert video_defaults(vision, "native", 28)["rule"] == "native"
+    assert video_defaults(vision, "native", 28)["resizer"] is None
 
 
 def test_qwen_checkpoint_rules_take_num_frames_in_frame_pairs(tmp_path):

@@ -4,7 +4,10 @@ own processor (PIL backend) + model compute from the same file, for every Huggin
 Each test saves a tiny random model and its processor with save_pretrained, runs `extract` on
 images of odd sizes, and compares every stored sample with transformers (fp32, relative error of
 the whole sample at most 1e-5). Grids that cannot merge are compared with the processor run at
-the even size merge-cli documents (docs: README "The resize policy").
+the even size merge-cli documents (docs: README "The resize policy"). Qwen video frames are made
+as qwen-vl-utils makes them (its frame rules, torchvision's float32 bicubic resize written out
+with torch: tests/test_frame_resize.py checks that resize against numpy and torchvision), then
+rescaled and normalized by the processor.
 """
 
 from __future__ import annotations
@@ -259,6 +262,7 @@ def test_qwen_follows_min_max_pixels_and_the_video_rules(tmp_path, kind):
     # The video, by qwen-vl-utils' rules: 17 frames at 5 fps, 2 fps -> 6.8 -> floored to 6 frames
     # at round(linspace(0, 16, 6)); each frame within 128..768 tokens and 0.9 x 128000 tokens in all.
     import av
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     with av.open(str(video)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
@@ -268,13 +272,18 @@ def test_qwen_follows_min_max_pixels_and_the_video_rules(tmp_path, kind):
     factor = 28
     low = 128 * factor**2
     ceiling = max(min(768 * factor**2, 128000 * factor**2 * 0.9 / count * 2), int(low * 1.05))
-    from transformers.image_utils import SizeDict
-
-    clip = []
-    for index in indices:
-        chw = frames[index].transpose(2, 0, 1)
-        resized = processor.resize(chw, size=SizeDict(shortest_edge=low, longest_edge=ceiling), resample=3, factor=28)
-        clip.append(processor.normalize(processor.rescale(resized, 1 / 255), processor.image_mean, processor.image_std))
+    size = smart_resize(60, 80, factor=factor, min_pixels=low, max_pixels=ceiling)
+    assert size == (280, 392)  # up from 60x80 to the 128-token floor
+    # qwen-vl-utils' fetch_video resizes the uint8 (T, C, H, W) frames with torchvision's
+    # resize(BICUBIC, antialias=True), which (transforms/_functional_tensor.py) casts to float32,
+    # calls torch's interpolate, clamps to 0..255, rounds and casts back; the same steps written
+    # out here, without torchvision (Pillow's bicubic gave about 6e-3 relative error in the tokens).
+    video_frames = torch.from_numpy(np.stack([frames[index] for index in indices])).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        video_frames.to(torch.float32), size=size, mode="bicubic", align_corners=False, antialias=True
+    )
+    resized = resized.clamp(0, 255).round().to(torch.uint8).numpy()
+    clip = [processor.normalize(processor.rescale(chw, 1 / 255), processor.image_mean, processor.image_std) for chw in resized]
     pixels = torch.from_numpy(np.stack(clip)).float()
     grid = (count // 2, pixels.shape[2] // 14, pixels.shape[3] // 14)
     raster = _qwen_raster(model, kind, qwen_reference_patches(pixels), grid)
@@ -283,3 +292,24 @@ def test_qwen_follows_min_max_pixels_and_the_video_rules(tmp_path, kind):
     compare(tmp_path / "a.h5", expected)
     with open_features(tmp_path / "a.h5") as features:
         assert features["clip.mp4"].frame_indices == indices
+
+
+def test_a_qwen_video_resume_from_before_torchvision_frames_is_refused(tmp_path, monkeypatch):
+    """An output whose Qwen video frames were resized with Pillow (merge-cli before its frames
+    were qwen-vl-utils' torchvision pixels) is not resumed with the new frames: the settings
+    differ in `media.video.resizer`, named in the refusal."""
+    from merge_cli.errors import ConfigMismatchError
+    from merge_cli.media import processor
+
+    folder = save_hf(_qwen_model("qwen2_vl"), tmp_path / "qwen2_vl")
+    make_video(tmp_path / "media" / "clip.mp4", 9, 60, 80, fps=5)
+    with monkeypatch.context() as before:
+        before.setattr(processor, "QWEN_VIDEO_RESIZER", None)  # Pillow, and no resizer in the settings
+        assert extract(folder, tmp_path / "media", tmp_path / "a.h5").written == 1
+    with pytest.raises(ConfigMismatchError, match=r"media\.video\.resizer: \(not set\) -> torchvision"):
+        extract(folder, tmp_path / "media", tmp_path / "a.h5")
+    assert extract(folder, tmp_path / "media", tmp_path / "b.h5").written == 1
+    with open_features(tmp_path / "a.h5") as old, open_features(tmp_path / "b.h5") as new:
+        assert old.attrs["config_hash"] != new.attrs["config_hash"]
+        assert new.attrs["video_options"]["resizer"] == "torchvision"  # JSON attributes come decoded
+        assert "resizer" not in old.attrs["video_options"]

@@ -262,12 +262,11 @@ def _decode_animation(sample: Sample, options: MediaOptions) -> Item:
             height, width = image.height, image.width
             policy = video_frame_policy(options, len(indices))
             plan = _plan(height, width, policy, "video frame")
-            resample = frame_resample(options)
             frames = []
             with _stage("decode"):
                 for index in indices:
                     image.seek(index)
-                    frames.append(_resize(to_rgb(image), plan, resample))
+                    frames.append(resize_frame(to_rgb(image), plan, options))
     starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) / 1000.0
     return Item(
         sample.key,
@@ -372,16 +371,12 @@ def _sampled_clip(key: str, clip: video.VideoSource, options: MediaOptions) -> I
         raise _empty_range(options, clip.num_frames, clip.fps)
     orig_hw = (clip.height, clip.width)
     plan = _plan(*orig_hw, video_frame_policy(options, len(indices)), "video frame")
-    resample = frame_resample(options)
     if scales_in_decoder(options):
-        frames = clip.read(indices, plan.resize_hw, options.video.seek, resample)
-        pixels = frames.pixels
-        top, left, crop_h, crop_w = plan.crop
-        if (crop_h, crop_w) != plan.resize_hw:
-            pixels = pixels[:, top : top + crop_h, left : left + crop_w]
-    else:  # the checkpoint's processor resizes with Pillow: so do we, from full-size RGB
+        frames = clip.read(indices, plan.resize_hw, options.video.seek, frame_resample(options))
+        pixels = _crop(frames.pixels, plan)
+    else:  # the checkpoint's pipeline resizes full-size RGB frames: so do we, as it does
         frames = clip.read(indices, None, options.video.seek)
-        pixels = np.stack([_resize_array(frame, plan, resample) for frame in frames.pixels])
+        pixels = np.stack([resize_frame(frame, plan, options) for frame in frames.pixels])
     return Item(
         key,
         "video",
@@ -399,8 +394,8 @@ def scales_in_decoder(options: MediaOptions) -> bool:
     """Whether video frames are scaled by the decoder (swscale) on their way out of it.
 
     Yes with merge-cli's own preprocessing (`native`): about 47 dB PSNR against full-size RGB +
-    Pillow, and no full-size RGB frame is ever made. No when a checkpoint's processor defines the
-    pixels (`--preprocess checkpoint`): it resizes with Pillow, which merge-cli then matches.
+    Pillow, and no full-size RGB frame is ever made. No when a checkpoint's pipeline defines the
+    pixels (`--preprocess checkpoint`): `resize_frame` then resizes as that pipeline does.
     """
     return options.mode == "native"
 
@@ -481,17 +476,52 @@ def _resize(image, plan: ResizePlan, resample: str) -> np.ndarray:
     height, width = plan.resize_hw
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling[resample.upper()])
-    pixels = np.asarray(image)
+    return _crop(np.asarray(image), plan)
+
+
+def _crop(pixels: np.ndarray, plan: ResizePlan) -> np.ndarray:
+    """The plan's crop of resized pixels (..., H, W, 3); a view, and the pixels themselves when
+    the plan does not crop."""
     top, left, crop_h, crop_w = plan.crop
-    if (crop_h, crop_w) != (height, width):
-        pixels = pixels[top : top + crop_h, left : left + crop_w]
-    return pixels
+    if (crop_h, crop_w) == plan.resize_hw:
+        return pixels
+    return pixels[..., top : top + crop_h, left : left + crop_w, :]
 
 
-def _resize_array(frame: np.ndarray, plan: ResizePlan, resample: str) -> np.ndarray:
+def resize_frame(frame, plan: ResizePlan, options: MediaOptions) -> np.ndarray:
+    """One video frame (uint8 (H, W, 3) or an RGB Pillow image) resized and cropped to the plan
+    with the video options' resizer: Pillow and the frame filter, or torchvision's pixels."""
     from PIL import Image
 
-    return _resize(Image.fromarray(frame, "RGB"), plan, resample)
+    if options.video.resizer == "torchvision":
+        return _crop(torchvision_resize(np.asarray(frame), plan.resize_hw), plan)
+    image = frame if isinstance(frame, Image.Image) else Image.fromarray(frame, "RGB")
+    return _resize(image, plan, frame_resample(options))
+
+
+def torchvision_resize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (*size, 3): the pixels torchvision's tensor resize (bicubic,
+    antialias=True) gives a uint8 frame on the CPU, as qwen-vl-utils' `fetch_video` calls it.
+
+    torchvision (transforms.functional.resize -> _functional_tensor.resize) casts uint8 to
+    float32, calls torch's `interpolate(mode="bicubic", align_corners=False, antialias=True)`
+    (PyTorch's separable antialiased cubic, a = -0.5, no rounding between the two passes),
+    clamps to 0..255, rounds half to even and casts back; an unchanged size is returned as is.
+    The same steps here, frame by frame (each output pixel depends on its own frame only), so
+    torchvision is not needed. Pillow's bicubic (also a = -0.5) rounds and clips to uint8
+    after each pass, which moves some pixels by several levels.
+    """
+    height, width = size
+    if frame.shape[:2] == (height, width):
+        return frame
+    if not frame.flags.writeable:  # torch wants writable memory (Pillow's arrays are read-only)
+        frame = frame.copy()
+    # (1, 3, H, W) over the (H, W, 3) memory: the layout qwen-vl-utils' permute of decoded frames gives
+    chw = torch.from_numpy(frame).permute(2, 0, 1)[None].to(torch.float32)
+    resized = torch.nn.functional.interpolate(
+        chw, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
+    return resized.clamp_(0, 255).round_().to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:

@@ -62,6 +62,9 @@ QWEN_VIDEO_CONTEXT_TOKENS = 128000
 QWEN_VIDEO_MAX_FRAMES = 768
 QWEN_IMAGE_MIN_PIXELS = 56 * 56
 QWEN_IMAGE_MAX_PIXELS = 28 * 28 * 1280
+QWEN_VIDEO_RESIZER = "torchvision"
+"""qwen-vl-utils resizes video frames with torchvision (bicubic, antialias), not Pillow: merge-cli
+makes the same pixels (config.VideoOptions.resizer)."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,9 @@ def video_defaults(vision: CheckpointVision, mode: str, factor: int) -> dict[str
     native: 2 fps, 4..32 frames, 64 merged tokens per frame, 32 frames' worth in all.
     checkpoint, Qwen: qwen-vl-utils: 2 fps, 4..768 frames, the count floored to a multiple of
     the temporal patch, 128..768 tokens per frame and 0.9 x 128000 tokens over the video, each
-    value from video_preprocessor_config.json where it has one.
+    value from video_preprocessor_config.json where it has one; frames resized as its
+    `fetch_video` does (torchvision's bicubic antialiased tensor resize, `QWEN_VIDEO_RESIZER`)
+    unless the video processor names a filter other than bicubic (then Pillow with that filter).
     """
     if mode != "checkpoint" or vision.family != "qwen":
         return {
@@ -224,6 +229,7 @@ def video_defaults(vision: CheckpointVision, mode: str, factor: int) -> dict[str
             "total_pixels": 32 * 64 * factor**2,
             "frame_multiple": 1,
             "resample": None,
+            "resizer": None,
         }
     config = vision.video or {}
     where = vision.source
@@ -232,6 +238,7 @@ def video_defaults(vision: CheckpointVision, mode: str, factor: int) -> dict[str
     high = config.get("max_pixels", size.get("longest_edge", QWEN_VIDEO_MAX_TOKENS * factor**2))
     context = config.get("max_video_tokens", QWEN_VIDEO_CONTEXT_TOKENS)
     fps = config.get("fps") or 2.0
+    resample = _resample(config, vision.resample)
     return {
         "rule": "qwen",
         "fps": float(fps),
@@ -241,7 +248,8 @@ def video_defaults(vision: CheckpointVision, mode: str, factor: int) -> dict[str
         "max_pixels": _positive(high, "max_pixels", where),
         "total_pixels": int(_positive(context, "max_video_tokens", where) * factor**2 * 0.9),
         "frame_multiple": _positive(config.get("temporal_patch_size", vision.temporal_patch_size), "temporal_patch_size", where),
-        "resample": _resample(config, vision.resample) if config else None,
+        "resample": resample if config else None,
+        "resizer": QWEN_VIDEO_RESIZER if resample == "bicubic" else None,
     }
 
 
