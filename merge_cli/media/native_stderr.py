@@ -38,6 +38,9 @@ def _capture_file() -> BinaryIO:
     if _capture is None or _capture[0] != os.getpid():
         import atexit
 
+        if _capture is not None:  # inherited over fork: close this process's copy (the parent keeps its own)
+            _capture[1].close()
+
         _capture = (os.getpid(), tempfile.TemporaryFile(prefix="merge-cli-stderr-"))
         atexit.register(_capture[1].close)
     return _capture[1]
