@@ -185,14 +185,7 @@ def render_extract_summary(summary: dict, console: Console) -> None:
             + (f", {_value(plural(made_even, 'grid'), 'made even', '')} (both grids stored)" if made_even else ""),
         ),
     ]
-    label_width = max(len(label) for label, _ in rows)
-    width = max(20, console.width - label_width - 2)  # the label column and the gap after it
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for label, value in rows:
-        table.add_row(label, _fit(value, width))
-    console.print(table)
+    _print_rows(console, rows)
     if summary["failures"]:
         shown, failed = len(summary["failures"]), summary["failed"]
         title = f"{failed} failure" + ("" if failed == 1 else "s")
@@ -261,14 +254,7 @@ def render_plan(plan: dict, console: Console) -> None:
         ("time", time_text),
         ("tower", f"{plan['tower']}, output {plan['output']}"),
     ]
-    label_width = max(len(label) for label, _ in rows)
-    width = max(20, console.width - label_width - 2)
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for label, value in rows:
-        table.add_row(label, _fit(value, width))
-    console.print(table)
+    _print_rows(console, rows)
     if plan["failures"]:
         shown, failed = len(plan["failures"]), plan["would_fail"]
         title = f"would fail: {failed:,}" + (f" (first {shown})" if shown < failed else "")
@@ -456,3 +442,15 @@ def render_index_summary(summary: dict, console: Console) -> None:
             f"[yellow]note:[/] ignored {plural(summary['duplicates'], 'sample')} stored twice across shards "
             "(the first copy is used)"
         )
+
+
+def _print_rows(console: Console, rows: list[tuple[str, str]]) -> None:
+    """A two-column summary (bold label, value); values break only between their parts to fit."""
+    label_width = max(len(label) for label, _ in rows)
+    width = max(20, console.width - label_width - 2)  # the label column and the gap after it
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, _fit(value, width))
+    console.print(table)

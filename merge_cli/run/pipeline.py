@@ -144,8 +144,6 @@ def run_extract(config: ExtractConfig, reporter: Reporter | None = None) -> RunS
 
 
 def _remove_if_empty(folder: Path) -> None:
-    import os
-
     try:
         os.rmdir(folder)
     except OSError:
