@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +93,23 @@ TABLE_COLUMNS = (
 """Columns of the index's `sample_table` (int64, one row per sample: what a reader needs about a
 sample in one read). `kind` and `decoder` are codes into the `kinds` / `decoders` attributes."""
 TABLE_COLUMNS_BEFORE_CHECKSUMS = TABLE_COLUMNS[:-1]
+TABLE_SOURCES = {
+    "offsets": ("offsets", None), "lengths": ("lengths", None),
+    "grid_t": ("grid_thw", 0), "grid_h": ("grid_thw", 1), "grid_w": ("grid_thw", 2),
+    "merged_h": ("merged_hw", 0), "merged_w": ("merged_hw", 1), "orig_h": ("orig_hw", 0), "orig_w": ("orig_hw", 1),
+    "resized_h": ("resized_hw", 0), "resized_w": ("resized_hw", 1), "frame_offsets": ("frame_offsets", None),
+    "frame_lengths": ("frame_lengths", None), "shard": ("shard", None), "shard_offsets": ("shard_offsets", None),
+    "processor_h": ("processor_grid", 0), "processor_w": ("processor_grid", 1), "crc32": ("crc32", None),
+}
+"""`sample_table` column -> (per-sample dataset, its column or None): every column but the `kind`
+and `decoder` codes, which are positions in the table's `kinds` / `decoders` attributes."""
+
+
+def table_values(column: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+    """The values of `sample_table` column `name`, taken from the per-sample datasets (`column`)."""
+    source, part = TABLE_SOURCES[name]
+    values = column(source)
+    return values if part is None else values[:, part]
 """The `sample_table` of indexes written before checksums (still read; cannot be verified)."""
 KEY_BLOCK = 4096
 """Rows per block of the index's `key_table`: `key_table/fence` holds every block's first hash, so

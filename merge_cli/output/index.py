@@ -50,6 +50,7 @@ from merge_cli.output.format import (
     open_h5,
     read_strings,
     shard_entry,
+    table_values,
     write_error,
 )
 
@@ -145,9 +146,9 @@ def _keys_at(shards: list[_Shard], starts: np.ndarray, positions: np.ndarray) ->
     return found
 
 
-def _keep_first(shards: list[_Shard]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Mark the first copy of every key, in shard order (`keep` of each shard); return the number
-    of later copies, the kept samples' hashes, and the sample start of each shard.
+def _keep_first(shards: list[_Shard]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mark the first copy of every key, in shard order (`keep` of each shard); return every
+    sample's hash and keep flag (shard order) and the sample start of each shard.
 
     Equal 64-bit hashes are checked on the keys themselves, which are read again only for them:
     later copies of a key (overlapping --rank runs) or, about once in 10^4 outputs of 100M
@@ -171,24 +172,25 @@ def _keep_first(shards: list[_Shard]) -> tuple[int, np.ndarray, np.ndarray]:
             seen_in_run.add(keys[position])
     for number, shard in enumerate(shards):
         shard.keep = keep[starts[number] : starts[number + 1]]
-    return int((~keep).sum()), hashes[keep], starts
+    return hashes, keep, starts
 
 
-def _errors_without_features(shards: list[_Shard], kept: np.ndarray, starts: np.ndarray) -> list[tuple[str, str, str, str]]:
-    """Error records of keys that have no features in any shard; a key's last record wins."""
+def _errors_without_features(
+    shards: list[_Shard], kept_sorted: np.ndarray, hashes_and_keep: tuple[np.ndarray, np.ndarray], starts: np.ndarray
+) -> list[tuple[str, str, str, str]]:
+    """Error records of keys that have no features in any shard; a key's last record wins.
+    `kept_sorted`: the kept samples' hashes, sorted; `hashes_and_keep`: every sample's."""
     records = [record for shard in shards for record in shard.failures]
     if not records:
         return []
     hashes = key_hashes(record[0] for record in records)
-    kept_sorted = np.sort(kept)
     hit = np.zeros(len(records), dtype=bool)
     if len(kept_sorted):
         position = np.minimum(np.searchsorted(kept_sorted, hashes), len(kept_sorted) - 1)
         hit = kept_sorted[position] == hashes
     stored: set[str] = set()
     if hit.any():  # an error key whose hash is a stored sample's: compare the keys themselves
-        all_hashes = np.concatenate([s.hashes for s in shards])
-        keep = np.concatenate([s.keep for s in shards])
+        all_hashes, keep = hashes_and_keep
         candidates = np.nonzero(keep & np.isin(all_hashes, hashes[hit]))[0]
         stored = set(_keys_at(shards, starts, candidates).values())
     last: dict[str, tuple[str, str, str, str]] = {}  # in order of first failure, each key's last record
@@ -225,8 +227,12 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
     dtype = dtypes.pop() if dtypes else str(root.get("dtype", "bfloat16"))
     dim = dims.pop() if dims else int(root.get("token_dim", 0) or 0)
 
-    duplicates, kept_hashes, starts = _keep_first(shards)
-    failures = _errors_without_features(shards, kept_hashes, starts)
+    hashes, keep, starts = _keep_first(shards)
+    duplicates = int((~keep).sum())
+    kept_hashes = hashes[keep]
+    kept_order = np.argsort(kept_hashes, kind="stable")  # the key table's order
+    kept_sorted = kept_hashes[kept_order]
+    failures = _errors_without_features(shards, kept_sorted, (hashes, keep), starts)
     n = len(kept_hashes)
     rows = sum(s.rows for s in shards)
 
@@ -258,7 +264,7 @@ def _build_index(out: Path, attrs: Mapping[str, object] | None) -> dict:
             frames, key_bytes = sum(s.frames for s in shards), sum(s.key_bytes for s in shards)
             tokens = _IndexTables(handle, n, decoders, frames, key_bytes).write(shards)
             write_errors(handle, failures)
-            _write_key_table(handle, kept_hashes)
+            _write_key_table(handle, kept_sorted, kept_order)
             group = handle.create_group("shards")
             group.create_dataset("path", data=object_array([shard_entry(out, s.path) for s in shards]), dtype=STRING)
             group.create_dataset("rows", data=np.array([s.rows for s in shards], dtype=np.int64))
@@ -398,29 +404,17 @@ class _IndexTables:
         kinds = np.searchsorted(np.array(KINDS, dtype="S"), part["kind"])
         if not np.array_equal(np.array(KINDS, dtype="S")[kinds.clip(0, len(KINDS) - 1)], part["kind"]):
             raise FormatError("damaged shard (a kind other than image or video)")
-        values = {
-            "offsets": part["offsets"], "lengths": part["lengths"],
-            "grid_t": part["grid_thw"][:, 0], "grid_h": part["grid_thw"][:, 1], "grid_w": part["grid_thw"][:, 2],
-            "merged_h": part["merged_hw"][:, 0], "merged_w": part["merged_hw"][:, 1],
-            "orig_h": part["orig_hw"][:, 0], "orig_w": part["orig_hw"][:, 1],
-            "resized_h": part["resized_hw"][:, 0], "resized_w": part["resized_hw"][:, 1],
-            "frame_offsets": part["frame_offsets"], "frame_lengths": part["frame_lengths"],
-            "shard": part["shard"], "shard_offsets": part["shard_offsets"], "kind": kinds,
-            "decoder": np.searchsorted(np.array(self.decoders, dtype="S"), part["decoder"]),
-            "processor_h": part["processor_grid"][:, 0], "processor_w": part["processor_grid"][:, 1],
-            "crc32": part["crc32"],
-        }
-        return np.stack([np.asarray(values[name], dtype=np.int64) for name in TABLE_COLUMNS], axis=1)
+        codes = {"kind": kinds, "decoder": np.searchsorted(np.array(self.decoders, dtype="S"), part["decoder"])}
+        values = [codes[name] if name in codes else table_values(part.__getitem__, name) for name in TABLE_COLUMNS]
+        return np.stack([np.asarray(v, dtype=np.int64) for v in values], axis=1)
 
 
-def _write_key_table(handle: h5py.File, hashes: np.ndarray) -> None:
-    """The kept samples' key hashes sorted, with the sample each belongs to, and the block fence:
-    what lets a reader find a key in two small reads."""
-    n = len(hashes)
-    order = np.argsort(hashes, kind="stable")
+def _write_key_table(handle: h5py.File, sorted_hashes: np.ndarray, order: np.ndarray) -> None:
+    """The kept samples' key hashes sorted, with the sample each belongs to (`order`), and the
+    block fence: what lets a reader find a key in two small reads."""
+    n = len(sorted_hashes)
     block = (min(n, KEY_BLOCK),) if n else None
     group = handle["key_table"]
-    sorted_hashes = hashes[order]
     group.create_dataset("hash", data=sorted_hashes, chunks=block)
     group.create_dataset("row", data=order.astype(np.int64), chunks=block)
     group.create_dataset("fence", data=sorted_hashes[::KEY_BLOCK])

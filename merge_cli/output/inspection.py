@@ -19,12 +19,14 @@ from merge_cli.errors import FormatError
 from merge_cli.output.format import (
     NO_CHECKSUM,
     TABLE_COLUMNS,
+    TABLE_SOURCES,
     first_line,
     list_shards,
     list_temporaries,
     read_strings,
     rows_checksum,
     shard_dir,
+    table_values,
 )
 from merge_cli.output.reader import FeatureFile, open_features
 from merge_cli.records import plural
@@ -321,27 +323,15 @@ def _check_sample_table(features: FeatureFile, problems: list[str]) -> None:
     if table.shape[1] not in (len(TABLE_COLUMNS), len(TABLE_COLUMNS) - 1):
         return  # the reader refused such a table already
     values = table[()]
-    kinds = [name.encode() for name in _json_list(table.attrs.get("kinds"))]
-    decoders = [name.encode() for name in _json_list(table.attrs.get("decoders"))]
-    expected = {
-        "offsets": features.column("offsets"), "lengths": features.column("lengths"),
-        "grid_t": features.column("grid_thw")[:, 0], "grid_h": features.column("grid_thw")[:, 1],
-        "grid_w": features.column("grid_thw")[:, 2], "merged_h": features.column("merged_hw")[:, 0],
-        "merged_w": features.column("merged_hw")[:, 1], "orig_h": features.column("orig_hw")[:, 0],
-        "orig_w": features.column("orig_hw")[:, 1], "resized_h": features.column("resized_hw")[:, 0],
-        "resized_w": features.column("resized_hw")[:, 1], "frame_offsets": features.column("frame_offsets"),
-        "frame_lengths": features.column("frame_lengths"), "shard": features.column("shard"),
-        "shard_offsets": features.column("shard_offsets"), "processor_h": features.column("processor_grid")[:, 0],
-        "processor_w": features.column("processor_grid")[:, 1], "crc32": features.column("crc32"),
-    }
     differ = [
         name for number, name in enumerate(TABLE_COLUMNS[: table.shape[1]])
-        if name in expected and not np.array_equal(values[:, number], expected[name])
+        if name in TABLE_SOURCES and not np.array_equal(values[:, number], table_values(features.column, name))
     ]
-    for number, (name, names) in ((15, ("kind", kinds)), (16, ("decoder", decoders))):
-        codes = values[:, number]
-        column = features.column(name)
-        if ((codes < 0) | (codes >= len(names))).any() or not np.array_equal(np.array(names, dtype="S")[codes.clip(0, max(len(names) - 1, 0))] if names else column[:0], column):
+    for name in ("kind", "decoder"):  # codes: positions in the table's list of names
+        names = np.array([n.encode() for n in _json_list(table.attrs.get(f"{name}s"))], dtype="S")
+        codes = values[:, TABLE_COLUMNS.index(name)]
+        valid = bool(((codes >= 0) & (codes < len(names))).all())  # also true for no samples
+        if not valid or not np.array_equal(names[codes], features.column(name)):
             differ.append(name)
     if differ:
         problems.append(
